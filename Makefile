@@ -1,0 +1,34 @@
+# One command each, on a fresh machine: `make run`, `make test`, `make demo`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SOURCES := setup.cfg pyproject.toml $(shell find acestream_proxy twisted -name '*.py')
+TWISTD_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: run test demo bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Reinstalled (not editable) whenever a source changes, so that twistd finds the
+# installed plugins exactly as a user's installation would.
+$(VENV)/.installed: $(BIN)/python $(SOURCES)
+	$(BIN)/pip install -q '.[test]'
+	@touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/twistd -n aceproxy $(TWISTD_ARGS)
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: $(VENV)/.installed
+	$(BIN)/python -m acestream_proxy.demo
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/fanout.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
