@@ -1,0 +1,98 @@
+"""
+Keeping the client registry true: every C{heartbeat_interval} the worker
+refreshes the heartbeat of each of its players that can still be written to,
+and removes clients whose heartbeat is older than C{ghost_client_timeout}.
+
+A ghost is a player whose network went away without a disconnect: its socket
+stays full, its producer stays paused and it makes no progress, so its
+heartbeat ages until it is removed and its connection dropped.
+"""
+
+from typing import Callable, Iterable
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from .constants import ClientField
+from .store import Store
+
+
+@attrs.define(eq=False)
+class ClientSupervisor(Service):
+    """
+    @ivar sessions: returns the worker's live stream sessions.
+    """
+
+    log = Logger()
+
+    store: Store
+    clock: object
+    sessions: Callable[[], Iterable]
+    heartbeat_interval: float
+    ghost_client_timeout: float
+    _progress: dict = attrs.field(factory=dict, init=False)
+    _loop: LoopingCall | None = attrs.field(default=None, init=False)
+
+    def tick(self) -> Deferred:
+        """
+        One round of heartbeats and ghost removal.  A failure is logged and
+        the next round runs as usual.
+        """
+        d = Deferred.fromCoroutine(self._tick())
+        return d.addErrback(lambda f: self.log.failure("client heartbeat round failed", f))
+
+    async def _tick(self) -> None:
+        now = self.clock.seconds()
+        progress = {}
+        for session in list(self.sessions()):
+            for producer in list(session.players):
+                cid = producer.client.id
+                progress[cid] = producer.bytes_sent
+                moved = self._progress.get(cid) != producer.bytes_sent
+                if moved or not producer.paused:
+                    await self.store.update_client(
+                        session.key,
+                        cid,
+                        {
+                            ClientField.LAST_HEARTBEAT: now,
+                            ClientField.BYTES_SENT: producer.bytes_sent,
+                            ClientField.SKIPS: producer.skips,
+                        },
+                    )
+            await self._remove_ghosts(session, now)
+        self._progress = progress
+
+    async def _remove_ghosts(self, session, now: float) -> None:
+        clients = await self.store.list_clients(session.key)
+        oldest = now - self.ghost_client_timeout
+        for cid, fields in clients.items():
+            if float(fields.get(ClientField.LAST_HEARTBEAT, 0)) >= oldest:
+                continue
+            self.log.warn(
+                "client {client} of stream {key} sent no heartbeat for {timeout}s; removing it",
+                client=cid,
+                key=session.key,
+                timeout=self.ghost_client_timeout,
+            )
+            producer = session.player(cid)
+            if producer is not None:
+                producer.abort()
+            else:
+                await self.store.remove_client(session.key, cid)
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self.tick)
+        self._loop.clock = self.clock
+        self._loop.start(self.heartbeat_interval, now=False).addErrback(
+            lambda f: self.log.failure("client heartbeats stopped", f)
+        )
+
+    def stopService(self):
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None

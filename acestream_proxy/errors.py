@@ -1,0 +1,64 @@
+"""
+Failures a player or an API caller is told about, each with its HTTP status.
+The web layer turns any of them into C{{"error": message}} JSON.
+"""
+
+
+class ProxyError(Exception):
+    """
+    A failure with a message fit to show a client.
+    """
+
+    status = 500
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+class BadRequest(ProxyError):
+    status = 400
+
+
+class Unauthorized(ProxyError):
+    status = 401
+
+
+class Forbidden(ProxyError):
+    status = 403
+
+
+class NotFound(ProxyError):
+    status = 404
+
+
+class NoEngine(ProxyError):
+    """
+    No healthy engine can take the stream.
+    """
+
+    status = 503
+
+
+class Unavailable(ProxyError):
+    """
+    The proxy is shutting down or at a limit.
+    """
+
+    status = 503
+
+
+class EngineError(ProxyError):
+    """
+    The engine answered an error, or something that is not its API.
+    """
+
+    status = 502
+
+
+class EngineTimeout(EngineError):
+    """
+    The engine did not answer in time.
+    """
+
+    status = 504

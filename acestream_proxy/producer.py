@@ -1,0 +1,160 @@
+"""
+One player's end of a stream: an L{IPushProducer} registered on its request,
+fed from the stream's L{BufferFollower}.
+
+A player that keeps up is on the follower's live list and gets each chunk the
+moment it arrives.  When its socket fills, the transport pauses it; on resume
+it reads the window from where it stopped.  If the window has moved past that
+point, the player jumps to the newest chunk (a skip) rather than holding
+memory for it; a chunk starts on a packet boundary, so the player's bytes stay
+aligned either way.
+"""
+
+from typing import Callable
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .buffer import Chunk
+from .follower import BufferFollower
+
+
+@attrs.frozen
+class ClientInfo:
+    """
+    Who a player is; fixed for its connection's life.
+    """
+
+    id: str
+    key: str
+    address: str
+    user_agent: str
+    connected_at: float
+
+
+@implementer(IPushProducer)
+@attrs.define(eq=False)
+class ClientProducer:
+    """
+    @ivar done: fires when the player's response should end: with L{None}
+        when the stream ended, after the final chunk.  Cancelling it (the web
+        layer does that when the connection is lost) detaches the player.
+    @ivar position: index of the next chunk to send, or L{None} before the
+        first one.
+    """
+
+    log = Logger()
+
+    client: ClientInfo
+    follower: BufferFollower
+    request: object
+    on_detach: Callable[["ClientProducer"], None]
+    position: int | None = None
+    paused: bool = False
+    finished: bool = False
+    bytes_sent: int = 0
+    skips: int = 0
+    done: Deferred = attrs.field(init=False)
+    _write: Callable[[bytes], None] | None = attrs.field(default=None, init=False)
+    _chunked: bool = attrs.field(default=False, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.done = Deferred(lambda _: self._detach())
+
+    def start(self) -> None:
+        """
+        Send the response headers and begin streaming from a few chunks behind
+        the live edge.
+        """
+        request = self.request
+        request.write(b"")
+        self._chunked = bool(request.chunked)
+        # Chunks are sent pre-framed straight to the transport: the same bytes
+        # object for every player, no per-player framing.
+        self._write = request.transport.write
+        self.follower.add(self)
+        request.registerProducer(self, True)
+        self.position = self.follower.join_position()
+        if not self.paused:
+            self._catch_up()
+
+    def offer(self, chunk: Chunk) -> None:
+        """
+        The follower's hot path: a new chunk for a player that is caught up.
+        """
+        data = chunk.framed if self._chunked else chunk.data
+        self.position = chunk.index + 1
+        self.bytes_sent += len(chunk.data)
+        self._write(data)
+
+    def _catch_up(self) -> None:
+        window = self.follower.window
+        while not self.paused and not self.finished:
+            position = self.position
+            chunk = window.get(position) if position is not None else None
+            if chunk is None:
+                first = window.first_index
+                if position is not None and first is not None and position < first:
+                    # Fell out of the window: jump to the newest chunk.
+                    self.skips += 1
+                    self.position = window.next_index - 1
+                    self.log.info(
+                        "client {client} of {key} fell behind; skipped to live",
+                        client=self.client.id,
+                        key=self.client.key,
+                    )
+                    continue
+                self.follower.go_live(self)
+                return
+            self.position = position + 1
+            self.bytes_sent += len(chunk.data)
+            self._write(chunk.framed if self._chunked else chunk.data)
+
+    # IPushProducer
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.follower.go_idle(self)
+
+    def resumeProducing(self) -> None:
+        if self.finished:
+            return
+        self.paused = False
+        self._catch_up()
+
+    def stopProducing(self) -> None:
+        self._detach()
+
+    # Ending
+
+    def finish(self) -> None:
+        """
+        The stream ended: end this player's response cleanly.
+        """
+        if self._detach():
+            self.done.callback(None)
+
+    def abort(self) -> None:
+        """
+        Drop the player's connection (a ghost, or a player that stopped
+        reading).
+        """
+        transport = getattr(self.request, "transport", None)
+        if self._detach() and transport is not None:
+            transport.abortConnection()
+
+    def _detach(self) -> bool:
+        """
+        Leave the follower and release the request; true the first time.
+        """
+        if self.finished:
+            return False
+        self.finished = True
+        self.follower.remove(self)
+        if self._write is not None:
+            self.request.unregisterProducer()
+        self.on_detach(self)
+        return True

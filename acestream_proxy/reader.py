@@ -1,0 +1,76 @@
+"""
+Reading an engine's playback body: the bytes arrive through treq's streaming
+body protocol and leave as chunks of whole TS packets.  The engine's
+transport is paused while the buffer cannot keep up, so a slow store never
+grows our memory.
+"""
+
+from typing import Callable
+
+import attrs
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+
+from .mpegts import PacketAligner
+
+
+@attrs.define(eq=False)
+class EngineReader(Protocol):
+    """
+    The body protocol of one playback connection.
+
+    @ivar on_chunk: called with each run of whole packets.
+    @ivar on_end: called once with L{None} when the engine ended the body
+        cleanly, or with the L{Failure} that ended it otherwise.
+    """
+
+    on_chunk: Callable[[bytes], None]
+    on_end: Callable[[Failure | None], None]
+    aligner: PacketAligner = attrs.field(factory=PacketAligner)
+    transport: object = None
+    bytes_in: int = 0
+    stopped: bool = False
+    paused: bool = False
+
+    def makeConnection(self, transport) -> None:
+        self.transport = transport
+        if self.stopped:
+            transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.stopped:
+            return
+        self.bytes_in += len(data)
+        packets = self.aligner.feed(data)
+        if packets:
+            self.on_chunk(packets)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        self.on_end(None if reason.check(ResponseDone) else reason)
+
+    def pause(self) -> None:
+        """
+        Stop reading from the engine until L{resume}.
+        """
+        if not self.paused and self.transport is not None and not self.stopped:
+            self.paused = True
+            self.transport.pauseProducing()
+
+    def resume(self) -> None:
+        if self.paused and not self.stopped:
+            self.paused = False
+            self.transport.resumeProducing()
+
+    def stop(self) -> None:
+        """
+        Close the playback connection; L{on_end} is not called.
+        """
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.transport is not None:
+            self.transport.stopProducing()

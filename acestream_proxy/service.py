@@ -1,0 +1,84 @@
+"""
+The service tree twistd runs: the proxy (its streams, engine probes and
+client heartbeats) and the HTTP listener, plus the HTTP client's connection
+pool, each undone by its own C{stopService}.
+"""
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService, Service
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
+from treq.client import HTTPClient
+
+from .config import Config, ConfigError, Options
+from .engine_api import EngineAPI
+from .engines import Engine, EngineRegistry
+from .server import ProxyServer
+from .store import MemoryStore
+from .web import ProxyWeb
+
+__all__ = ["Options", "makeService", "make_service"]
+
+
+class _ConnectionPool(Service):
+    """
+    Closes the HTTP client's cached engine connections at shutdown.
+    """
+
+    def __init__(self, pool: HTTPConnectionPool) -> None:
+        self.pool = pool
+
+    def stopService(self):
+        super().stopService()
+        return self.pool.closeCachedConnections()
+
+
+def make_store(config: Config, reactor):
+    if config.redis is not None:
+        raise ConfigError("redis: the Redis store is not available in this version")
+    tuning = config.tuning
+    return MemoryStore(reactor, tuning.buffer_chunks, tuning.chunk_ttl)
+
+
+def make_service(config: Config, reactor=None, listen: bool = True) -> MultiService:
+    """
+    Build the whole daemon from C{config}.  The listener is added first so
+    that it stops last: while streams wind down, new requests still get an
+    answer (503) instead of a refused connection.
+
+    The returned service has C{proxy} (the L{ProxyServer}) and C{site}
+    attributes; with C{listen=False} it has no listener, for a caller that
+    listens on the site itself.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    tuning = config.tuning
+    top = MultiService()
+
+    pool = HTTPConnectionPool(reactor)
+    _ConnectionPool(pool).setServiceParent(top)
+    http = HTTPClient(Agent(reactor, connectTimeout=tuning.engine_connect_timeout, pool=pool))
+    api = EngineAPI(http, reactor, tuning.engine_timeout, tuning.first_byte_timeout)
+    registry = EngineRegistry(
+        [Engine.from_config(engine) for engine in config.engines],
+        api,
+        reactor,
+        tuning.probe_interval,
+    )
+    server = ProxyServer(make_store(config, reactor), registry, api, reactor, tuning)
+
+    site = Site(ProxyWeb(server, config.admin_token).resource())
+    site.displayTracebacks = False
+    if listen:
+        strports.service(config.listen, site, reactor=reactor).setServiceParent(top)
+    server.setServiceParent(top)
+    top.proxy = server
+    top.site = site
+    return top
+
+
+def makeService(options: Options) -> IService:
+    """
+    The twistd plugin's entry point.
+    """
+    return make_service(options.config)

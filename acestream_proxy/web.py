@@ -1,0 +1,152 @@
+"""
+The HTTP API (Klein): players' C{/ace/getstream}, and the JSON views of
+streams, engines and health.  Every error a client can cause or meet is a
+JSON C{{"error": ...}} with a proper status, never a traceback.
+"""
+
+import hmac
+import ipaddress
+import json
+import re
+
+import attrs
+from klein import Klein
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+
+from .errors import BadRequest, Forbidden, ProxyError, Unauthorized
+from .server import ProxyServer
+
+_HASH = re.compile(r"[0-9a-fA-F]{40}")
+_KEY_PARAMS = ("id", "infohash")
+
+
+def stream_key(args: dict) -> tuple[str, str]:
+    """
+    The stream key (lowercased hex) and the parameter name the player used.
+    Exactly one of C{id} and C{infohash}, given once, must be there.
+    """
+    given = [name for name in _KEY_PARAMS if name.encode() in args]
+    if not given:
+        raise BadRequest("missing stream id: use ?id=<40 hex> or ?infohash=<40 hex>")
+    if len(given) > 1:
+        raise BadRequest("give either id or infohash, not both")
+    param = given[0]
+    values = args[param.encode()]
+    if len(values) != 1:
+        raise BadRequest(f"{param} given more than once")
+    return checked_key(values[0], param), param
+
+
+def checked_key(raw: bytes | str, what: str = "stream key") -> str:
+    if isinstance(raw, bytes):
+        raw = raw.decode("latin-1")
+    if not _HASH.fullmatch(raw):
+        raise BadRequest(f"{what} must be 40 hexadecimal characters")
+    return raw.lower()
+
+
+def json_body(request, value, code: int = 200) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-store")
+    return json.dumps(value).encode() + b"\n"
+
+
+@attrs.define(eq=False)
+class ProxyWeb:
+    """
+    The routes, bound to one L{ProxyServer}.
+    """
+
+    app = Klein()
+    log = Logger()
+
+    server: ProxyServer
+    admin_token: str | None = None
+
+    def resource(self):
+        return self.app.resource()
+
+    # Players
+
+    @app.route("/ace/getstream", methods=["GET", "HEAD"])
+    async def getstream(self, request):
+        key, param = stream_key(request.args)
+        request.setHeader(b"Content-Type", b"video/mp2t")
+        request.setHeader(b"Cache-Control", b"no-cache, no-store")
+        if request.method == b"HEAD":
+            return b""
+        done = await self.server.attach(key, param, request)
+        await done
+        return None
+
+    # Inspection and control
+
+    @app.route("/streams", methods=["GET"])
+    async def streams(self, request):
+        status = request.args.get(b"status", [None])[-1]
+        if status is not None:
+            status = status.decode("latin-1")
+        return json_body(request, await self.server.describe_streams(status))
+
+    @app.route("/streams/<key>", methods=["GET"])
+    async def stream(self, request, key):
+        return json_body(request, await self.server.describe_stream(checked_key(key)))
+
+    @app.route("/streams/<key>", methods=["DELETE"])
+    async def delete_stream(self, request, key):
+        self._check_admin(request)
+        key = checked_key(key)
+        await self.server.stop_stream(key, "stopped through the API")
+        return json_body(request, {"stopped": key})
+
+    @app.route("/engines", methods=["GET"])
+    async def engines(self, request):
+        return json_body(request, await self.server.describe_engines())
+
+    @app.route("/health", methods=["GET"])
+    def health(self, request):
+        health = self.server.describe_health()
+        return json_body(request, health, 200 if health["status"] == "ok" else 503)
+
+    def _check_admin(self, request) -> None:
+        """
+        State-changing calls need the admin token when one is configured;
+        without one they are allowed from loopback only.
+        """
+        if self.admin_token:
+            given = request.getHeader(b"authorization") or ""
+            expected = f"Bearer {self.admin_token}"
+            if not hmac.compare_digest(given.encode("latin-1"), expected.encode()):
+                raise Unauthorized("a valid admin token is required")
+            return
+        host = getattr(request.getClientAddress(), "host", "")
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise Forbidden("admin actions are allowed from loopback only")
+
+    # Errors
+
+    @app.handle_errors(ProxyError)
+    def proxy_error(self, request, failure: Failure):
+        error = failure.value
+        if error.status == 401:
+            request.setHeader(b"WWW-Authenticate", b"Bearer")
+        return json_body(request, {"error": error.message}, error.status)
+
+    @app.handle_errors(HTTPException)
+    def http_error(self, request, failure: Failure):
+        error = failure.value
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            request.setHeader(b"Allow", ", ".join(error.valid_methods).encode())
+        return json_body(request, {"error": error.name.lower()}, error.code)
+
+    @app.handle_errors(Exception)
+    def unexpected_error(self, request, failure: Failure):
+        self.log.failure("unexpected error answering {uri}", failure, uri=request.uri)
+        return json_body(request, {"error": "internal error"}, 500)
