@@ -51,7 +51,7 @@ class ClientSupervisor(Service):
             for producer in list(session.players):
                 cid = producer.client.id
                 progress[cid] = producer.bytes_sent
-                moved = self._progress.get(cid) != producer.bytes_sent
+                moved = self._progress.get(cid, 0) != producer.bytes_sent
                 if moved or not producer.paused:
                     await self.store.update_client(
                         session.key,

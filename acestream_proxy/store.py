@@ -102,7 +102,7 @@ class MemoryStore:
         self.buffer = MemoryRingBuffer(self.clock, self.buffer_chunks, self.chunk_ttl)
 
     def put_stream(self, key: str, fields: Fields) -> Deferred[None]:
-        self._streams.setdefault(key, {Meta.KEY.value: key}).update(fields)
+        self._streams.setdefault(key, {Meta.KEY.value: key}).update(_plain(fields))
         return succeed(None)
 
     def get_stream(self, key: str) -> Deferred[dict | None]:
@@ -119,13 +119,13 @@ class MemoryStore:
         return self.buffer.delete(key)
 
     def add_client(self, key: str, client_id: str, fields: Fields) -> Deferred[None]:
-        self._clients.setdefault(key, {})[client_id] = dict(fields)
+        self._clients.setdefault(key, {})[client_id] = _plain(fields)
         return succeed(None)
 
     def update_client(self, key: str, client_id: str, fields: Fields) -> Deferred[None]:
         client = self._clients.get(key, {}).get(client_id)
         if client is not None:
-            client.update(fields)
+            client.update(_plain(fields))
         return succeed(None)
 
     def remove_client(self, key: str, client_id: str) -> Deferred[int]:
@@ -146,3 +146,11 @@ class MemoryStore:
 
     def get_last_disconnect(self, key: str) -> Deferred[float | None]:
         return succeed(self._last_disconnect.get(key))
+
+
+def _plain(fields: Fields) -> dict:
+    """
+    Field names as plain text (they are often L{StrEnum} members), as a
+    Redis hash would hold them.
+    """
+    return {str(name): value for name, value in fields.items()}

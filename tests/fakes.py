@@ -1,0 +1,98 @@
+"""
+In-memory stand-ins for the network edges of the proxy, for tests whose
+subject is timer or fan-out logic driven by L{task.Clock}: a request whose
+transport is a L{StringTransport}, and an engine API whose playback body is
+fed by the test.
+"""
+
+import attrs
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+
+from acestream_proxy.config import Tuning
+from acestream_proxy.engine_api import Playback
+from acestream_proxy.engines import Engine, EngineRegistry
+from acestream_proxy.mpegts import data_packets
+from acestream_proxy.server import ProxyServer
+from acestream_proxy.store import MemoryStore
+
+
+@attrs.define(eq=False)
+class FakeRequest:
+    """
+    Just what L{ClientProducer} and L{ProxyServer.attach} use of a request.
+    """
+
+    chunked: bool = True
+    transport: StringTransport = attrs.field(factory=StringTransport)
+    producer: object = None
+    headers_written: bool = False
+
+    def write(self, data: bytes) -> None:
+        assert data == b"", "bodies go straight to the transport"
+        self.headers_written = True
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        assert streaming and self.producer is None
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def getClientAddress(self):
+        return IPv4Address("TCP", "127.0.0.1", 40000)
+
+    def getHeader(self, name: bytes):
+        return b"test-player/1.0" if name.lower() == b"user-agent" else None
+
+
+@attrs.define(eq=False)
+class FakeEngineAPI:
+    """
+    An engine API that always opens sessions; the test feeds each playback
+    body through C{readers}.
+    """
+
+    healthy: bool = True
+    getstreams: list = attrs.field(factory=list)
+    stops: list = attrs.field(factory=list)
+    readers: list = attrs.field(factory=list)
+
+    async def getstream(self, engine, key, param="infohash"):
+        self.getstreams.append((engine.id, param, key))
+        sid = f"session-{len(self.getstreams)}"
+        base = f"{engine.url}/ace"
+        return Playback(f"{base}/r/{key}/{sid}", f"{base}/stat/{key}/{sid}", f"{base}/cmd/{key}/{sid}", sid, 1)
+
+    async def open_playback(self, engine, playback):
+        return _FakeResponse(self)
+
+    async def stop(self, engine, playback):
+        self.stops.append(playback.playback_session_id)
+
+    async def version(self, engine):
+        if not self.healthy:
+            raise RuntimeError("probe failed")
+        return "3.1.5"
+
+
+@attrs.define(eq=False)
+class _FakeResponse:
+    api: FakeEngineAPI
+
+    def deliverBody(self, protocol) -> None:
+        protocol.makeConnection(StringTransport())
+        self.api.readers.append(protocol)
+
+
+def packets(first_seq: int, count: int) -> bytes:
+    return data_packets(first_seq, count, b"\x01\x01\x01\x01", 0.0)
+
+
+def make_server(clock, api=None, engines=None, **tuning) -> ProxyServer:
+    api = api or FakeEngineAPI()
+    tuning = Tuning(**tuning)
+    engines = engines or [Engine("engine-a", "http://127.0.0.1:6878", "127.0.0.1", 6878)]
+    registry = EngineRegistry(engines, api, clock, tuning.probe_interval)
+    store = MemoryStore(clock, tuning.buffer_chunks, tuning.chunk_ttl)
+    return ProxyServer(store, registry, api, clock, tuning)
