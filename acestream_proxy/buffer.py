@@ -17,22 +17,44 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 
+def frame(data: bytes) -> tuple[bytes, int]:
+    """
+    C{data} as one HTTP/1.1 chunk (size line, data, CRLF), and where the
+    data starts in it.
+    """
+    head = b"%x\r\n" % len(data)
+    return b"%b%b\r\n" % (head, data), len(head)
+
+
 @attrs.frozen
 class Chunk:
     """
     One buffer entry: whole TS packets, numbered by the stream's buffer index.
 
-    @ivar framed: C{data} as one HTTP/1.1 chunk (size line, data, CRLF).
+    Only the framed form is kept; the packets are a view into it, so a
+    chunk's bytes are held once however it is used.
+
+    @ivar framed: the packets as one HTTP/1.1 chunk (size line, data, CRLF).
+    @ivar start: where the packets start in C{framed}.
     """
 
     index: int
-    data: bytes
-    added_at: float
     framed: bytes
+    start: int
+    added_at: float
 
     @classmethod
     def make(cls, index: int, data: bytes, added_at: float) -> "Chunk":
-        return cls(index, data, added_at, b"%x\r\n%b\r\n" % (len(data), data))
+        framed, start = frame(data)
+        return cls(index, framed, start, added_at)
+
+    @property
+    def data(self) -> memoryview:
+        return memoryview(self.framed)[self.start : -2]
+
+    @property
+    def size(self) -> int:
+        return len(self.framed) - self.start - 2
 
 
 @attrs.define
@@ -101,7 +123,7 @@ class RingBuffer(Protocol):
     A store's shared ring buffer, one per stream key.
     """
 
-    def append(self, key: str, data: bytes) -> Deferred[int]:
+    def append(self, key: str, data: bytes | memoryview) -> Deferred[int]:
         """
         Store C{data} as the stream's next chunk; fire with its index.
         """
@@ -146,7 +168,11 @@ class MemoryRingBuffer:
         while chunks and chunks[0][1] < oldest:
             chunks.popleft()
 
-    def append(self, key: str, data: bytes) -> Deferred[int]:
+    def append(self, key: str, data: bytes | memoryview) -> Deferred[int]:
+        """
+        Keep C{data} as given: a view into a framed chunk stays a view, so
+        this buffer and the fan-out window share its memory.
+        """
         stream = self._streams.setdefault(key, _MemoryStream())
         stream.index += 1
         stream.chunks.append((stream.index, self.clock.seconds(), data))
@@ -160,7 +186,7 @@ class MemoryRingBuffer:
         if stream is None:
             return succeed([])
         self._expire(stream)
-        found = [(index, data) for index, _, data in stream.chunks if index >= start]
+        found = [(index, bytes(data)) for index, _, data in stream.chunks if index >= start]
         return succeed(found[:limit])
 
     def latest(self, key: str) -> Deferred[int]:

@@ -105,8 +105,8 @@ class Config:
 
     @ivar redis: Shared store URL; L{None} keeps state in memory, which suits a
         single daemon.
-    @ivar admin_token: Secret required by administrative requests; L{None}
-        disables them.
+    @ivar admin_token: Bearer token required by administrative requests;
+        with L{None} they are accepted from loopback addresses only.
     """
 
     listen: str = "tcp:8000"
@@ -222,7 +222,7 @@ class Options(usage.Options):
             "admin-token",
             None,
             None,
-            "Secret for administrative requests [default: none, disabled].",
+            "Bearer token for administrative requests [default: none: loopback only].",
         ],
     ]
 

@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from .buffer import Chunk
 from .follower import BufferFollower
+from .sendpath import direct_writer
 
 
 @attrs.frozen
@@ -74,7 +75,7 @@ class ClientProducer:
         self._chunked = bool(request.chunked)
         # Chunks are sent pre-framed straight to the transport: the same bytes
         # object for every player, no per-player framing.
-        self._write = request.transport.write
+        self._write = direct_writer(request.transport)
         self.follower.add(self)
         request.registerProducer(self, True)
         self.position = self.follower.join_position()
@@ -85,10 +86,13 @@ class ClientProducer:
         """
         The follower's hot path: a new chunk for a player that is caught up.
         """
-        data = chunk.framed if self._chunked else chunk.data
         self.position = chunk.index + 1
-        self.bytes_sent += len(chunk.data)
-        self._write(data)
+        if self._chunked:
+            framed = chunk.framed
+            self.bytes_sent += len(framed) - chunk.start - 2
+            self._write(framed)
+        else:
+            self._write_raw(chunk)
 
     def _catch_up(self) -> None:
         window = self.follower.window
@@ -110,8 +114,19 @@ class ClientProducer:
                 self.follower.go_live(self)
                 return
             self.position = position + 1
-            self.bytes_sent += len(chunk.data)
-            self._write(chunk.framed if self._chunked else chunk.data)
+            if self._chunked:
+                self.bytes_sent += chunk.size
+                self._write(chunk.framed)
+            else:
+                self._write_raw(chunk)
+
+    def _write_raw(self, chunk: Chunk) -> None:
+        """
+        An HTTP/1.0 player takes the bare packets: a copy, on a path that
+        players rarely take.
+        """
+        self.bytes_sent += chunk.size
+        self._write(bytes(chunk.data))
 
     # IPushProducer
 

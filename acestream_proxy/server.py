@@ -22,6 +22,9 @@ from .producer import ClientInfo
 from .session import StreamSession
 from .store import Store
 
+#: Seconds a shutdown waits for players' last bytes to leave.
+SHUTDOWN_DRAIN = 5.0
+
 
 @attrs.define(eq=False)
 class ProxyServer(MultiService):
@@ -148,15 +151,42 @@ class ProxyServer(MultiService):
     def stopService(self):
         """
         Refuse new players, stop every stream (players get a clean end, the
-        engines are told to stop), then stop the helper services.
+        engines are told to stop), close the players' connections once their
+        last bytes are out, then stop the helper services.
         """
         self.accepting = False
+        transports = [
+            player.request.transport
+            for session in self.sessions.values()
+            for player in session.players
+        ]
         for session in list(self.sessions.values()):
             session.stop("shutting down")
-        stops = list(self._stopping.values())
-        d = DeferredList(stops, consumeErrors=True)
+        d = DeferredList(list(self._stopping.values()), consumeErrors=True)
+        d.addCallback(lambda _: self._close(transports))
         d.addCallback(lambda _: MultiService.stopService(self))
         return d
+
+    def _close(self, transports: list) -> Deferred:
+        """
+        Close connections after their buffered bytes are sent, and fire when
+        they are closed (or after L{SHUTDOWN_DRAIN} seconds, whichever is first):
+        the reactor's own shutdown would drop unsent bytes.
+        """
+        for transport in transports:
+            transport.loseConnection()
+        deadline = self.clock.seconds() + SHUTDOWN_DRAIN
+        done = Deferred()
+
+        def check() -> None:
+            open_ = [t for t in transports if getattr(t, "connected", False)]
+            if not open_ or self.clock.seconds() >= deadline:
+                done.callback(None)
+            else:
+                self.clock.callLater(0.02, check)
+
+        check()
+        return done
 
     # Inspection
 

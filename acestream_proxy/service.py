@@ -6,6 +6,7 @@ pool, each undone by its own C{stopService}.
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import succeed
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 from treq.client import HTTPClient
@@ -18,6 +19,23 @@ from .store import MemoryStore
 from .web import ProxyWeb
 
 __all__ = ["Options", "makeService", "make_service"]
+
+
+class _OrderedService(MultiService):
+    """
+    A L{MultiService} that stops its children one after another, the last
+    added first, each once the one before it has finished stopping: the
+    streams wind down (players get their last bytes, engines their stop
+    command) while the listener still answers and the HTTP client still
+    has its pool.
+    """
+
+    def stopService(self):
+        Service.stopService(self)
+        d = succeed(None)
+        for service in reversed(list(self)):
+            d.addBoth(lambda _, service=service: service.stopService())
+        return d
 
 
 class _ConnectionPool(Service):
@@ -53,7 +71,7 @@ def make_service(config: Config, reactor=None, listen: bool = True) -> MultiServ
     if reactor is None:
         from twisted.internet import reactor
     tuning = config.tuning
-    top = MultiService()
+    top = _OrderedService()
 
     pool = HTTPConnectionPool(reactor)
     _ConnectionPool(pool).setServiceParent(top)

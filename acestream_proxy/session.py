@@ -12,7 +12,7 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail,
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .buffer import Chunk, ChunkWindow
+from .buffer import Chunk, ChunkWindow, frame
 from .config import Tuning
 from .constants import ClientField, Meta, StreamState
 from .engine_api import EngineAPI, Playback
@@ -162,15 +162,17 @@ class StreamSession:
         self._pending += 1
         if self._pending > MAX_PENDING_APPENDS:
             self._reader.pause()
-        d = self.store.buffer.append(self.key, packets)
-        d.addCallback(self._appended, packets, now)
+        # Framed once, here; the store and the fan-out share these bytes.
+        framed, start = frame(packets)
+        d = self.store.buffer.append(self.key, memoryview(framed)[start:-2])
+        d.addCallback(self._appended, framed, start, now)
         d.addErrback(self._append_failed)
 
-    def _appended(self, index: int, packets: bytes, now: float) -> None:
+    def _appended(self, index: int, framed: bytes, start: int, now: float) -> None:
         self._pending -= 1
         if self._pending <= MAX_PENDING_APPENDS // 2 and self._reader is not None:
             self._reader.resume()
-        self.follower.publish(Chunk.make(index, packets, now))
+        self.follower.publish(Chunk(index, framed, start, now))
         if self._first_data is not None:
             first, self._first_data = self._first_data, None
             first.callback(None)
