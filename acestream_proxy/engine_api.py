@@ -14,6 +14,7 @@ import attrs
 import treq
 from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 
 from .engines import Engine
@@ -55,6 +56,18 @@ def check_url(engine: Engine, url: object, what: str) -> str:
     return url
 
 
+def _timed_out(result, timeout: float):
+    """
+    The C{onTimeoutCancel} of our C{addTimeout}s.  A cancelled treq request
+    fails with C{ResponseNeverReceived}, not L{CancelledError}, and Twisted's
+    default would pass that on as if the engine had dropped the connection:
+    whatever the failure, it was our timeout.
+    """
+    if isinstance(result, Failure):
+        raise TimeoutError(timeout, "Deferred")
+    return result
+
+
 def _with_query(url: str, **params: str) -> str:
     sep = "&" if urlsplit(url).query else "?"
     return url + sep + urlencode(params)
@@ -83,9 +96,9 @@ class EngineAPI:
         """
         try:
             d = self.http.get(url)
-            d.addTimeout(self.timeout, self.clock)
+            d.addTimeout(self.timeout, self.clock, _timed_out)
             response = await d
-            body = await self._read(response).addTimeout(self.timeout, self.clock)
+            body = await self._read(response).addTimeout(self.timeout, self.clock, _timed_out)
         except (TimeoutError, CancelledError):
             raise EngineTimeout(f"engine {engine.id} did not answer {what} in time")
         except EngineError:
@@ -139,8 +152,38 @@ class EngineAPI:
                 playback_session_id=str(response.get("playback_session_id") or ""),
                 is_live=int(response.get("is_live") or 0),
             )
+        except EngineError:
+            await self._abandon(engine, response)
+            raise
         except (TypeError, ValueError):
+            await self._abandon(engine, response)
             raise EngineError(f"engine {engine.id} answered getstream with unexpected JSON")
+
+    async def _abandon(self, engine: Engine, response: dict) -> None:
+        """
+        Stop the session an unusable C{getstream} answer opened, or it would
+        hold the engine's resources with nobody to end it.  Its command URL
+        is not trusted: only its path and query are kept, sent to the
+        engine's configured host and port.
+        """
+        command_url = response.get("command_url")
+        if not isinstance(command_url, str):
+            return
+        try:
+            parts = urlsplit(command_url)
+        except ValueError:
+            return
+        if not parts.path.startswith("/"):
+            return
+        url = engine.url + parts.path + (f"?{parts.query}" if parts.query else "")
+        try:
+            await self._call(engine, _with_query(url, method="stop"), "stop")
+        except EngineError as e:
+            self.log.warn(
+                "engine {engine}: could not stop a session it answered unusably: {why}",
+                engine=engine.id,
+                why=e.message,
+            )
 
     async def open_playback(self, engine: Engine, playback: Playback) -> IResponse:
         """
@@ -150,7 +193,7 @@ class EngineAPI:
         check_url(engine, playback.playback_url, "playback_url")
         try:
             d = self.http.get(playback.playback_url, unbuffered=True)
-            response = await d.addTimeout(self.first_byte_timeout, self.clock)
+            response = await d.addTimeout(self.first_byte_timeout, self.clock, _timed_out)
         except (TimeoutError, CancelledError):
             raise EngineTimeout(f"engine {engine.id} did not start playback in time")
         except Exception as e:

@@ -11,6 +11,7 @@ import re
 
 import attrs
 from klein import Klein
+from klein.resource import KleinResource
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
@@ -61,13 +62,17 @@ class ProxyWeb:
     """
 
     app = Klein()
+    # A path with doubled slashes is not one of ours: werkzeug would answer
+    # it with a redirect to the merged path, rendered by http_error as a 308
+    # without a Location.
+    app.url_map.merge_slashes = False
     log = Logger()
 
     server: ProxyServer
     admin_token: str | None = None
 
     def resource(self):
-        return self.app.resource()
+        return _Routes(self.app)
 
     # Players
 
@@ -117,9 +122,9 @@ class ProxyWeb:
         without one they are allowed from loopback only.
         """
         if self.admin_token:
-            given = request.getHeader(b"authorization") or ""
-            expected = f"Bearer {self.admin_token}"
-            if not hmac.compare_digest(given.encode("latin-1"), expected.encode()):
+            given = request.getHeader(b"authorization") or b""
+            expected = f"Bearer {self.admin_token}".encode()
+            if not hmac.compare_digest(given, expected):
                 raise Unauthorized("a valid admin token is required")
             return
         host = getattr(request.getClientAddress(), "host", "")
@@ -150,3 +155,22 @@ class ProxyWeb:
     def unexpected_error(self, request, failure: Failure):
         self.log.failure("unexpected error answering {uri}", failure, uri=request.uri)
         return json_body(request, {"error": "internal error"}, 500)
+
+
+class _Routes(KleinResource):
+    """
+    Klein's resource, with two of its own answers put right: a URL that is
+    not UTF-8 gets a JSON 400 instead of Klein's plain text, and a path that
+    starts with C{//} is not found, where Klein, which joins the path's
+    segments, would serve C{//health} as C{/health}.
+    """
+
+    def render(self, request):
+        try:
+            request.getRequestHostname().decode("utf-8")
+            b"/".join(request.prepath + request.postpath).decode("utf-8")
+        except UnicodeDecodeError:
+            return json_body(request, {"error": "the URL is not valid UTF-8"}, 400)
+        if request.path.startswith(b"//"):
+            return json_body(request, {"error": "not found"}, 404)
+        return super().render(request)
