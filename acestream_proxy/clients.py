@@ -17,6 +17,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .constants import ClientField
+from .errors import Unavailable
 from .store import Store
 
 
@@ -42,7 +43,11 @@ class ClientSupervisor(Service):
         the next round runs as usual.
         """
         d = Deferred.fromCoroutine(self._tick())
-        return d.addErrback(lambda f: self.log.failure("client heartbeat round failed", f))
+        return d.addErrback(self._failed)
+
+    def _failed(self, failure) -> None:
+        if not failure.check(Unavailable):
+            self.log.failure("client heartbeat round failed", failure)
 
     async def _tick(self) -> None:
         now = self.clock.seconds()
@@ -53,16 +58,11 @@ class ClientSupervisor(Service):
                 progress[cid] = producer.bytes_sent
                 moved = self._progress.get(cid, 0) != producer.bytes_sent
                 if moved or not producer.paused:
-                    await self.store.update_client(
-                        session.key,
-                        cid,
-                        {
-                            ClientField.LAST_HEARTBEAT: now,
-                            ClientField.BYTES_SENT: producer.bytes_sent,
-                            ClientField.SKIPS: producer.skips,
-                        },
-                    )
+                    # Written whole, so that a store that lost the client
+                    # (Redis restarted empty) has it again.
+                    await self.store.add_client(session.key, cid, session.client_fields(producer))
             await self._remove_ghosts(session, now)
+            await session.check_idle()
         self._progress = progress
 
     async def _remove_ghosts(self, session, now: float) -> None:

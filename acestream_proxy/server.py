@@ -14,12 +14,12 @@ from twisted.logger import Logger
 
 from .clients import ClientSupervisor
 from .config import Tuning
-from .constants import ACTIVE_STATES, Meta
+from .constants import ACTIVE_STATES, ClientField, Meta, StreamState
 from .engine_api import EngineAPI
-from .engines import EngineRegistry
+from .engines import Engine, EngineRegistry
 from .errors import NoEngine, NotFound, Unavailable
 from .producer import ClientInfo
-from .session import StreamSession
+from .session import Role, StreamSession
 from .store import Store
 
 #: Seconds a shutdown waits for players' last bytes to leave.
@@ -83,36 +83,64 @@ class ProxyServer(MultiService):
 
     async def _create(self, key: str, param: str) -> StreamSession:
         """
-        Choose an engine and start a session.  Creations are serialised so
-        that simultaneous requests for one key make one session, and
-        simultaneous new streams see each other's load.
+        Start this worker's session of stream C{key}: as its owner when the
+        owner lease is free (choosing an engine, or taking over the session a
+        previous owner left), else as a follower of the owner's buffer.
+        Creations are serialised so that simultaneous requests for one key
+        make one session, and simultaneous new streams see each other's load.
         """
+        earlier = self._stopping.get(key)
+        if earlier is not None:
+            # Its cleanup deletes the stream's keys: let it finish first.
+            await _settled(earlier)
         await self._create_lock.acquire()
         try:
             session = self.sessions.get(key)
             if session is not None:
                 return session
-            loads = await self.engine_loads()
-            engine = self.registry.select(loads)
-            if engine is None:
-                raise NoEngine("no healthy engine is available")
+            owner = await self.store.acquire_owner(key)
+            takeover = await self.store.get_stream(key) if owner else None
+            engine = None
+            if owner and not takeover:
+                try:
+                    engine = await self.choose_engine()
+                except NoEngine:
+                    await self.store.release_owner(key)
+                    raise
             session = StreamSession(
                 key=key,
                 param=param,
-                engine=engine,
+                role=Role.OWNER if owner else Role.FOLLOWER,
                 api=self.api,
                 store=self.store,
                 clock=self.clock,
                 tuning=self.tuning,
                 worker_id=self.worker_id,
+                choose_engine=self.choose_engine,
+                find_engine=self.registry.by_id,
                 on_stopping=self._session_stopping,
+                engine=engine,
             )
             self.sessions[key] = session
-            self.log.info("stream {key}: starting on engine {engine}", key=key, engine=engine.id)
-            session.start(after=self._stopping.get(key))
+            self.log.info(
+                "stream {key}: starting as {role}{on}",
+                key=key,
+                role=session.role.value,
+                on=f" on engine {engine.id}" if engine else "",
+            )
+            session.start(takeover)
             return session
         finally:
             self._create_lock.release()
+
+    async def choose_engine(self) -> Engine:
+        """
+        The engine for a new playback session, by the selection rule.
+        """
+        engine = self.registry.select(await self.engine_loads())
+        if engine is None:
+            raise NoEngine("no healthy engine is available")
+        return engine
 
     async def engine_loads(self) -> Counter:
         """
@@ -160,12 +188,32 @@ class ProxyServer(MultiService):
             for session in self.sessions.values()
             for player in session.players
         ]
-        for session in list(self.sessions.values()):
-            session.stop("shutting down")
-        d = DeferredList(list(self._stopping.values()), consumeErrors=True)
+        sessions = list(self.sessions.values())
+        d = DeferredList(
+            [Deferred.fromCoroutine(self._shut_down(s)) for s in sessions]
+            + list(self._stopping.values()),
+            consumeErrors=True,
+        )
         d.addCallback(lambda _: self._close(transports))
         d.addCallback(lambda _: MultiService.stopService(self))
         return d
+
+    async def _shut_down(self, session: StreamSession) -> None:
+        """
+        Stop one stream for shutdown; an owner whose stream still has players
+        on other workers hands it over instead of ending it.
+        """
+        handover = False
+        if session.role is Role.OWNER and session.state is StreamState.STARTED:
+            try:
+                clients = await self.store.list_clients(session.key)
+            except Unavailable:
+                clients = {}
+            handover = any(
+                fields.get(ClientField.WORKER) not in (None, self.worker_id)
+                for fields in clients.values()
+            )
+        await session.stop("shutting down", handover=handover)
 
     def _close(self, transports: list) -> Deferred:
         """
@@ -193,7 +241,7 @@ class ProxyServer(MultiService):
     async def describe_streams(self, status: str | None = None) -> list[dict]:
         streams = await self.store.list_streams()
         described = []
-        for meta in sorted(streams, key=lambda m: m.get(Meta.STARTED_AT, 0)):
+        for meta in sorted(streams, key=lambda m: float(m.get(Meta.STARTED_AT) or 0)):
             if status is not None and meta.get(Meta.STATE) != status:
                 continue
             described.append(await self._describe(meta))
@@ -238,14 +286,22 @@ class ProxyServer(MultiService):
         return [engine.describe(loads.get(engine.id, 0)) for engine in self.registry.engines]
 
     def describe_health(self) -> dict:
-        return {
-            "status": "ok" if self.accepting else "stopping",
+        """
+        C{status} is C{ok} only while the daemon accepts players and its
+        store can be reached.
+        """
+        store_up = self.store.available
+        health = {
+            "status": "ok" if self.accepting and store_up else "stopping" if not self.accepting else "degraded",
             "worker_id": self.worker_id,
             "streams": len(self.sessions),
             "clients": sum(len(s.players) for s in self.sessions.values()),
             "engines_healthy": sum(1 for e in self.registry.engines if e.healthy),
             "store": self.store.kind,
         }
+        if self.store.kind == "redis":
+            health["redis"] = "up" if store_up else "down"
+        return health
 
 
 def _number(value):
@@ -260,3 +316,18 @@ def _number(value):
         return value
     return int(number) if number.is_integer() else number
 
+
+
+def _settled(d: Deferred) -> Deferred:
+    """
+    A new L{Deferred} that fires (with L{None}) when C{d} has, leaving
+    C{d}'s own result to its other callbacks.
+    """
+    settled = Deferred()
+
+    def fire(result):
+        settled.callback(None)
+        return result
+
+    d.addBoth(fire)
+    return settled

@@ -1,8 +1,10 @@
 """
-The service tree twistd runs: the proxy (its streams, engine probes and
-client heartbeats) and the HTTP listener, plus the HTTP client's connection
-pool, each undone by its own C{stopService}.
+The service tree twistd runs: the store (its Redis connections, if any), the
+HTTP client's connection pool, the HTTP listener and the proxy (its streams,
+engine probes and client heartbeats), each undone by its own C{stopService}.
 """
+
+import uuid
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
@@ -11,9 +13,10 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 from treq.client import HTTPClient
 
-from .config import Config, ConfigError, Options
+from .config import Config, Options
 from .engine_api import EngineAPI
 from .engines import Engine, EngineRegistry
+from .redis_store import RedisStore
 from .server import ProxyServer
 from .store import MemoryStore
 from .web import ProxyWeb
@@ -51,11 +54,22 @@ class _ConnectionPool(Service):
         return self.pool.closeCachedConnections()
 
 
-def make_store(config: Config, reactor):
-    if config.redis is not None:
-        raise ConfigError("redis: the Redis store is not available in this version")
+def make_store(config: Config, reactor, worker_id: str):
+    """
+    The embedded store, or the Redis store when C{redis} is configured.
+    """
     tuning = config.tuning
-    return MemoryStore(reactor, tuning.buffer_chunks, tuning.chunk_ttl)
+    if config.redis is None:
+        return MemoryStore(reactor, tuning.buffer_chunks, tuning.chunk_ttl, worker_id)
+    return RedisStore(
+        url=config.redis,
+        clock=reactor,
+        worker_id=worker_id,
+        buffer_chunks=tuning.buffer_chunks,
+        chunk_ttl=tuning.chunk_ttl,
+        ghost_client_timeout=tuning.ghost_client_timeout,
+        owner_lease=tuning.owner_lease,
+    )
 
 
 def make_service(config: Config, reactor=None, listen: bool = True) -> MultiService:
@@ -73,6 +87,10 @@ def make_service(config: Config, reactor=None, listen: bool = True) -> MultiServ
     tuning = config.tuning
     top = _OrderedService()
 
+    worker_id = uuid.uuid4().hex[:12]
+    store = make_store(config, reactor, worker_id)
+    if isinstance(store, Service):
+        store.setServiceParent(top)
     pool = HTTPConnectionPool(reactor)
     _ConnectionPool(pool).setServiceParent(top)
     http = HTTPClient(Agent(reactor, connectTimeout=tuning.engine_connect_timeout, pool=pool))
@@ -83,7 +101,7 @@ def make_service(config: Config, reactor=None, listen: bool = True) -> MultiServ
         reactor,
         tuning.probe_interval,
     )
-    server = ProxyServer(make_store(config, reactor), registry, api, reactor, tuning)
+    server = ProxyServer(store, registry, api, reactor, tuning, worker_id)
 
     site = Site(ProxyWeb(server, config.admin_token).resource())
     site.displayTracebacks = False

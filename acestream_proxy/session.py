@@ -1,23 +1,35 @@
 """
-One stream's life in the worker that owns it: open a playback session on the
-chosen engine, read its body into the ring buffer and the local fan-out, keep
-players attached, and stop everything (engine session included) when the last
-player has been gone for C{cleanup_grace} seconds.
+One stream's life in one worker.
+
+The worker that holds the stream's owner lease is its I{owner}: it opens the
+playback session on an engine, reads the body into the shared ring buffer and
+its local fan-out, renews the lease, and stops everything (engine session and
+keys included) once no worker has had a player for C{cleanup_grace} seconds.
+
+Any other worker with players for the stream is a I{follower}: it reads each
+new chunk from the ring buffer once (woken by C{chunk_added}, with a short
+poll as a safety net) and fans it out to its own players.  When the owner's
+lease lapses (the owner died, or handed the stream over), a follower takes
+the lease and becomes the owner, continuing the buffer's index.
+
+With the embedded store there is only ever one worker, the owner.
 """
 
-from typing import Callable
+from enum import StrEnum
+from typing import Awaitable, Callable
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .buffer import Chunk, ChunkWindow, frame
 from .config import Tuning
-from .constants import ClientField, Meta, StreamState
+from .constants import ClientField, Event, Meta, StreamState
 from .engine_api import EngineAPI, Playback
 from .engines import Engine
-from .errors import EngineError, EngineTimeout, ProxyError
+from .errors import EngineError, EngineTimeout, ProxyError, Unavailable
 from .follower import BufferFollower
 from .producer import ClientInfo, ClientProducer
 from .reader import EngineReader
@@ -26,28 +38,43 @@ from .store import Store
 #: Appends a store may have in flight before the engine's transport is paused.
 MAX_PENDING_APPENDS = 8
 
+#: Seconds between a follower's safety polls of the ring buffer.
+FOLLOW_POLL = 0.5
+
+#: Most chunks a follower reads in one round trip.
+READ_BATCH = 50
+
+
+class Role(StrEnum):
+    OWNER = "owner"
+    FOLLOWER = "follower"
+
 
 @attrs.define(eq=False)
 class StreamSession:
     """
     @ivar param: the query parameter name the first player used (C{infohash}
         or C{id}); the engine is asked with the same name.
+    @ivar choose_engine: picks the engine for a new playback session.
+    @ivar find_engine: the configured engine with a given id, if any.
     @ivar on_stopping: called once, as the session begins to stop, with the
-        session and a L{Deferred} that fires when it is over and its keys are
-        gone.
+        session and a L{Deferred} that fires when it is over.
     """
 
     log = Logger()
 
     key: str
     param: str
-    engine: Engine
+    role: Role
     api: EngineAPI
     store: Store
     clock: object
     tuning: Tuning
     worker_id: str
+    choose_engine: Callable[[], Awaitable[Engine]]
+    find_engine: Callable[[str], Engine | None]
     on_stopping: Callable[["StreamSession", Deferred], None]
+    engine: Engine | None = None
     state: StreamState = StreamState.STARTING
     playback: Playback | None = None
     started_at: float = 0.0
@@ -62,6 +89,12 @@ class StreamSession:
     _waiters: list = attrs.field(factory=list, init=False)
     _cleanup_call: object = attrs.field(default=None, init=False)
     _pending: int = attrs.field(default=0, init=False)
+    _last_index: int = attrs.field(default=0, init=False)
+    _next_index: int | None = attrs.field(default=None, init=False)
+    _fetching: bool = attrs.field(default=False, init=False)
+    _fetch_again: bool = attrs.field(default=False, init=False)
+    _lease_loop: LoopingCall | None = attrs.field(default=None, init=False)
+    _poll_loop: LoopingCall | None = attrs.field(default=None, init=False)
     _stopped: Deferred | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -73,63 +106,150 @@ class StreamSession:
     def bytes_in(self) -> int:
         return self._reader.bytes_in if self._reader is not None else 0
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopped is not None
+
     # Starting
 
-    def start(self, after: Deferred | None = None) -> None:
+    def start(self, takeover: dict | None = None) -> None:
         """
-        Begin opening the engine session; players wait with L{wait_ready}.
-        C{after} (the stop of an earlier session of the same key) is awaited
-        first, so that its cleanup cannot remove this session's keys.
+        Begin serving: as owner, open the engine session (reusing the one in
+        C{takeover}, the metadata a previous owner left, when it still
+        plays); as follower, start reading the ring buffer.  Players wait
+        with L{wait_ready}.
         """
-        self._starting = Deferred.fromCoroutine(self._start(after))
+        self.store.listen(self.key, self._event)
+        self._lease_loop = self._loop(self._lease_tick, self.tuning.owner_lease / 3)
+        if self.role is Role.OWNER:
+            self._starting = Deferred.fromCoroutine(self._start_owner(takeover))
+        else:
+            self._starting = Deferred.fromCoroutine(self._start_follower())
 
-    async def _start(self, after: Deferred | None) -> None:
+    def _loop(self, f, interval: float) -> LoopingCall:
+        loop = LoopingCall(f)
+        loop.clock = self.clock
+        loop.start(interval, now=False).addErrback(
+            lambda failure: self.log.failure("stream {key}: timer failed", failure, key=self.key)
+        )
+        return loop
+
+    async def _start_owner(self, takeover: dict | None) -> None:
         try:
-            if after is not None:
-                await after
-            await self.store.put_stream(self.key, self.metadata())
-            self.playback = await self.api.getstream(self.engine, self.key, self.param)
-            await self.store.put_stream(self.key, self.metadata())
-            response = await self.api.open_playback(self.engine, self.playback)
-            self._first_data = Deferred()
-            self._reader = EngineReader(self._on_data, self._on_end)
-            response.deliverBody(self._reader)
-            try:
-                await self._first_data.addTimeout(self.tuning.first_byte_timeout, self.clock)
-            except TimeoutError:
-                raise EngineTimeout(f"engine {self.engine.id} sent no data in time")
+            await self._open_engine(takeover)
+            await self._wait_first_data()
         except CancelledError:
             # stop() cancelled the start and does the cleanup itself.
             self._starting = None
             return
         except Exception as e:
-            self._starting = None
-            if isinstance(e, ProxyError):
-                error = e
-                self.log.warn(
-                    "stream {key} failed to start on {engine}: {why}",
-                    key=self.key,
-                    engine=self.engine.id,
-                    why=e.message,
-                )
-            else:
-                error = EngineError(f"engine {self.engine.id} failed")
-                self.log.failure("stream {key} failed to start", key=self.key)
-            self._set_ready(Failure(error))
-            self.stop("start failed")
+            self._start_failed(e)
             return
         self._starting = None
         self.state = StreamState.STARTED
-        await self.store.put_stream(self.key, self.metadata())
+        await self._put_metadata()
         self.log.info(
             "stream {key} started on {engine} ({session})",
             key=self.key,
             engine=self.engine.id,
             session=self.playback.playback_session_id,
         )
+        self._publish(Event.STREAM_STARTED, engine=self.engine.id)
         self._set_ready(True)
         if not self.players:
             self._player_gone()
+
+    async def _open_engine(self, takeover: dict | None) -> None:
+        """
+        Open the playback body, on the session a previous owner left when it
+        still plays, else on a new session of the chosen engine.
+        """
+        if takeover and await self._reuse(takeover):
+            return
+        if self.engine is None:
+            self.engine = await self.choose_engine()
+        await self._put_metadata()
+        self.playback = await self.api.getstream(self.engine, self.key, self.param)
+        await self._put_metadata()
+        response = await self.api.open_playback(self.engine, self.playback)
+        self._read(response)
+
+    async def _reuse(self, meta: dict) -> bool:
+        engine = self.find_engine(meta.get(Meta.ENGINE_ID, ""))
+        try:
+            playback = Playback(
+                playback_url=meta[Meta.PLAYBACK_URL],
+                stat_url=meta[Meta.STAT_URL],
+                command_url=meta[Meta.COMMAND_URL],
+                playback_session_id=meta.get(Meta.PLAYBACK_SESSION_ID, ""),
+                is_live=int(meta.get(Meta.IS_LIVE) or 1),
+            )
+        except (KeyError, ValueError):
+            return False
+        if engine is None or not engine.healthy:
+            return False
+        try:
+            response = await self.api.open_playback(engine, playback)
+        except ProxyError as e:
+            self.log.info(
+                "stream {key}: the previous engine session no longer plays ({why})",
+                key=self.key,
+                why=e.message,
+            )
+            return False
+        self.engine, self.playback = engine, playback
+        self.reconnects = int(float(meta.get(Meta.RECONNECTS) or 0))
+        self._read(response)
+        return True
+
+    def _read(self, response) -> None:
+        self._first_data = Deferred()
+        self._reader = EngineReader(self._on_data, self._on_end)
+        response.deliverBody(self._reader)
+
+    async def _wait_first_data(self) -> None:
+        try:
+            await self._first_data.addTimeout(self.tuning.first_byte_timeout, self.clock)
+        except TimeoutError:
+            raise EngineTimeout(f"engine {self.engine.id} sent no data in time")
+
+    async def _start_follower(self) -> None:
+        try:
+            latest = await self.store.buffer.latest(self.key)
+            if latest:
+                self._next_index = max(1, latest - self.tuning.join_chunks + 1)
+            self._first_data = Deferred()
+            self._poll_loop = self._loop(self._fetch, FOLLOW_POLL)
+            await self._fetch()
+            try:
+                await self._first_data.addTimeout(self.tuning.first_byte_timeout, self.clock)
+            except TimeoutError:
+                raise EngineTimeout(f"stream {self.key} brought no data in time")
+        except CancelledError:
+            self._starting = None
+            return
+        except Exception as e:
+            self._start_failed(e)
+            return
+        self._starting = None
+        self.state = StreamState.STARTED
+        self.log.info("stream {key}: following its owner's buffer", key=self.key)
+        self._set_ready(True)
+        if not self.players:
+            self._player_gone()
+
+    def _start_failed(self, e: Exception) -> None:
+        self._starting = None
+        if isinstance(e, ProxyError):
+            error = e
+            self.log.warn(
+                "stream {key} failed to start: {why}", key=self.key, why=e.message
+            )
+        else:
+            error = EngineError(f"stream {self.key} failed to start")
+            self.log.failure("stream {key} failed to start", Failure(e), key=self.key)
+        self._set_ready(Failure(error))
+        self.stop("start failed")
 
     def _set_ready(self, result: Failure | bool) -> None:
         self._ready = result
@@ -154,7 +274,7 @@ class StreamSession:
         self._waiters.append(waiter)
         return waiter
 
-    # Data from the engine
+    # Data: from the engine (owner) or the ring buffer (follower)
 
     def _on_data(self, packets: bytes) -> None:
         now = self.clock.seconds()
@@ -165,21 +285,83 @@ class StreamSession:
         # Framed once, here; the store and the fan-out share these bytes.
         framed, start = frame(packets)
         d = self.store.buffer.append(self.key, memoryview(framed)[start:-2])
-        d.addCallback(self._appended, framed, start, now)
-        d.addErrback(self._append_failed)
+        d.addCallbacks(
+            self._appended,
+            self._append_failed,
+            callbackArgs=(framed, start, now),
+            errbackArgs=(framed, start, now),
+        )
 
     def _appended(self, index: int, framed: bytes, start: int, now: float) -> None:
         self._pending -= 1
         if self._pending <= MAX_PENDING_APPENDS // 2 and self._reader is not None:
             self._reader.resume()
-        self.follower.publish(Chunk(index, framed, start, now))
+        self._publish_chunk(Chunk(index, framed, start, now))
+
+    def _append_failed(self, failure: Failure, framed: bytes, start: int, now: float) -> None:
+        """
+        The store could not take the chunk (Redis is down): this worker's
+        players still get it, numbered locally.
+        """
+        self._pending -= 1
+        if self._pending <= MAX_PENDING_APPENDS // 2 and self._reader is not None:
+            self._reader.resume()
+        if not failure.check(Unavailable):
+            self.log.failure("stream {key}: could not store a chunk", failure, key=self.key)
+        self._publish_chunk(Chunk(self._last_index + 1, framed, start, now))
+
+    def _publish_chunk(self, chunk: Chunk) -> None:
+        self._last_index = chunk.index
+        self.follower.publish(chunk)
         if self._first_data is not None:
             first, self._first_data = self._first_data, None
             first.callback(None)
 
-    def _append_failed(self, failure: Failure) -> None:
-        self._pending -= 1
-        self.log.failure("stream {key}: could not store a chunk", failure, key=self.key)
+    async def _fetch(self, upto: int | None = None) -> None:
+        """
+        Follower: read the chunks this worker has not seen yet, once, and
+        fan them out.  Calls that arrive while a read runs are folded into
+        one more round.
+        """
+        if self.role is not Role.FOLLOWER or self.stopping:
+            return
+        if self._fetching:
+            self._fetch_again = True
+            return
+        self._fetching = True
+        try:
+            while True:
+                self._fetch_again = False
+                await self._read_new(upto)
+                upto = None
+                if not self._fetch_again or self.role is not Role.FOLLOWER or self.stopping:
+                    break
+        except Unavailable:
+            pass
+        finally:
+            self._fetching = False
+
+    async def _read_new(self, upto: int | None) -> None:
+        buffer = self.store.buffer
+        latest = upto if upto is not None else await buffer.latest(self.key)
+        if self._next_index is None:
+            if not latest:
+                return
+            self._next_index = max(1, latest - self.tuning.join_chunks + 1)
+        while self._next_index <= latest and self.role is Role.FOLLOWER and not self.stopping:
+            count = min(READ_BATCH, latest - self._next_index + 1)
+            found = await buffer.read(self.key, self._next_index, count)
+            if not found:
+                # Expired before we read it: carry on from the newest.
+                self._next_index = latest
+                found = await buffer.read(self.key, latest, 1)
+                if not found:
+                    return
+            now = self.clock.seconds()
+            self.last_data_at = now
+            for index, data in found:
+                self._next_index = index + 1
+                self._publish_chunk(Chunk.make(index, data, now))
 
     def _on_end(self, reason: Failure | None) -> None:
         self.log.warn(
@@ -195,6 +377,91 @@ class StreamSession:
             return
         self.stop("engine ended playback")
 
+    # Events from other workers, and the lease
+
+    def _event(self, event: dict) -> None:
+        kind = event.get("event")
+        mine = event.get("worker_id") == self.worker_id
+        if kind == Event.CHUNK_ADDED and self.role is Role.FOLLOWER and not mine:
+            index = event.get("index")
+            Deferred.fromCoroutine(self._fetch(index if isinstance(index, int) else None))
+        elif kind == Event.CLIENT_DISCONNECTED and self.role is Role.OWNER:
+            if event.get("remaining") == 0:
+                self._player_gone()
+        elif kind == Event.CLIENT_CONNECTED and self.role is Role.OWNER:
+            self._cancel_cleanup()
+        elif kind == Event.STREAM_STOPPING and not mine and self.role is Role.FOLLOWER:
+            self.stop("its owner stopped it")
+        elif kind == Event.OWNER_CHANGED and not mine and event.get("handover"):
+            self.clock.callLater(0, lambda: Deferred.fromCoroutine(self._lease_tick()))
+
+    async def _lease_tick(self) -> None:
+        """
+        Owner: renew the lease (keeping the stream's keys alive); if it was
+        lost, take it again when free (Redis restarted) or become a
+        follower.  Follower: take the lease when the owner's has lapsed.
+        """
+        if self.stopping or self._starting is not None and self.role is Role.OWNER:
+            return
+        try:
+            if self.role is Role.OWNER:
+                if await self.store.renew_owner(self.key):
+                    return
+                if await self.store.acquire_owner(self.key):
+                    await self._restore()
+                else:
+                    self._demote()
+            elif await self.store.acquire_owner(self.key):
+                await self._promote()
+        except Unavailable:
+            pass
+
+    async def _restore(self) -> None:
+        """
+        The store lost our keys (Redis restarted empty): write them again.
+        """
+        self.log.warn("stream {key}: its keys were lost; restoring them", key=self.key)
+        await self._put_metadata()
+        for producer in list(self.players):
+            await self.store.add_client(self.key, producer.client.id, self.client_fields(producer))
+
+    def _demote(self) -> None:
+        """
+        Another worker holds the lease now: stop reading the engine (its
+        session is the new owner's to use or stop) and follow the buffer.
+        """
+        self.log.warn("stream {key}: lost ownership; following", key=self.key)
+        self.role = Role.FOLLOWER
+        if self._reader is not None:
+            self._reader.stop()
+            self._reader = None
+        self._next_index = self._last_index + 1
+        self._poll_loop = self._loop(self._fetch, FOLLOW_POLL)
+
+    async def _promote(self) -> None:
+        """
+        The owner's lease lapsed and is ours now: open the engine (reusing
+        its session when it still plays) and write the buffer from where it
+        stopped.
+        """
+        self.log.warn("stream {key}: the owner is gone; taking the stream over", key=self.key)
+        self.role = Role.OWNER
+        if self._poll_loop is not None and self._poll_loop.running:
+            self._poll_loop.stop()
+        self._poll_loop = None
+        self.reconnects += 1
+        try:
+            meta = await self.store.get_stream(self.key)
+            await self._open_engine(meta)
+            await self._wait_first_data()
+        except Exception as e:
+            self.log.warn("stream {key}: takeover failed: {why}", key=self.key, why=e)
+            self.stop("takeover failed")
+            return
+        self.state = StreamState.STARTED
+        await self._put_metadata()
+        self._publish(Event.OWNER_CHANGED, engine=self.engine.id)
+
     # Players
 
     def add_player(self, client: ClientInfo, request) -> ClientProducer:
@@ -203,24 +470,12 @@ class StreamSession:
         """
         producer = ClientProducer(client, self.follower, request, self._player_left)
         self.players.add(producer)
-        if self._cleanup_call is not None:
-            self._cleanup_call.cancel()
-            self._cleanup_call = None
-            self.store.set_last_disconnect(self.key, None)
-        self.store.add_client(
-            self.key,
-            client.id,
-            {
-                ClientField.ID: client.id,
-                ClientField.WORKER: self.worker_id,
-                ClientField.ADDRESS: client.address,
-                ClientField.USER_AGENT: client.user_agent,
-                ClientField.CONNECTED_AT: client.connected_at,
-                ClientField.LAST_HEARTBEAT: client.connected_at,
-                ClientField.BYTES_SENT: 0,
-                ClientField.SKIPS: 0,
-            },
+        if self._cancel_cleanup():
+            self.store.set_last_disconnect(self.key, None).addErrback(self._ignore_unavailable)
+        self.store.add_client(self.key, client.id, self.client_fields(producer)).addErrback(
+            self._ignore_unavailable
         )
+        self._publish(Event.CLIENT_CONNECTED, client_id=client.id)
         self.log.info(
             "client {client} ({address}) joined stream {key}",
             client=client.id,
@@ -230,6 +485,19 @@ class StreamSession:
         producer.start()
         return producer
 
+    def client_fields(self, producer: ClientProducer) -> dict:
+        client = producer.client
+        return {
+            ClientField.ID: client.id,
+            ClientField.WORKER: self.worker_id,
+            ClientField.ADDRESS: client.address,
+            ClientField.USER_AGENT: client.user_agent,
+            ClientField.CONNECTED_AT: client.connected_at,
+            ClientField.LAST_HEARTBEAT: self.clock.seconds(),
+            ClientField.BYTES_SENT: producer.bytes_sent,
+            ClientField.SKIPS: producer.skips,
+        }
+
     def player(self, client_id: str) -> ClientProducer | None:
         for producer in self.players:
             if producer.client.id == client_id:
@@ -238,52 +506,99 @@ class StreamSession:
 
     def _player_left(self, producer: ClientProducer) -> None:
         self.players.discard(producer)
-        self.store.remove_client(self.key, producer.client.id)
         self.log.info(
             "client {client} left stream {key} after {bytes} bytes",
             client=producer.client.id,
             key=self.key,
             bytes=producer.bytes_sent,
         )
-        if not self.players:
-            self._player_gone()
+        d = self.store.remove_client(self.key, producer.client.id)
+        d.addCallback(self._client_removed, producer.client.id)
+        d.addErrback(self._ignore_unavailable)
 
-    def _player_gone(self) -> None:
-        """
-        The last player left: stop after the grace unless one comes back.
-        """
-        if self.state is not StreamState.STARTED or self._cleanup_call is not None:
+    def _client_removed(self, remaining: int, client_id: str) -> None:
+        if self.stopping:
             return
-        now = self.clock.seconds()
-        self.store.set_last_disconnect(self.key, now)
-        self._cleanup_call = self.clock.callLater(self.tuning.cleanup_grace, self._grace_over)
+        self._publish(Event.CLIENT_DISCONNECTED, client_id=client_id, remaining=remaining)
+        if remaining == 0 or (self.role is Role.FOLLOWER and not self.players):
+            self._player_gone(remaining == 0)
+
+    def _player_gone(self, nobody_left: bool = True) -> None:
+        """
+        No player here (and, for an owner, none anywhere): an owner stops
+        after the grace unless one comes back; a follower stops following.
+        """
+        if self.state is not StreamState.STARTED or self.stopping:
+            return
+        if nobody_left:
+            self.store.set_last_disconnect(self.key, self.clock.seconds()).addErrback(
+                self._ignore_unavailable
+            )
+        if self.role is Role.FOLLOWER:
+            if not self.players:
+                self.stop("no players here")
+            return
+        if self._cleanup_call is None:
+            self._cleanup_call = self.clock.callLater(self.tuning.cleanup_grace, self._grace_over)
+
+    def _cancel_cleanup(self) -> bool:
+        if self._cleanup_call is None:
+            return False
+        self._cleanup_call.cancel()
+        self._cleanup_call = None
+        return True
 
     def _grace_over(self) -> None:
         self._cleanup_call = None
-        if not self.players:
+        Deferred.fromCoroutine(self.check_idle())
+
+    async def check_idle(self) -> None:
+        """
+        Owner: stop the stream if no worker has had a player for the grace.
+        """
+        if self.role is not Role.OWNER or self.state is not StreamState.STARTED or self.stopping:
+            return
+        if self.players:
+            return
+        try:
+            clients = await self.store.list_clients(self.key)
+            left_at = await self.store.get_last_disconnect(self.key)
+        except Unavailable:
+            return
+        if clients:
+            return
+        now = self.clock.seconds()
+        if left_at is None:
+            await self.store.set_last_disconnect(self.key, now)
+        elif now - left_at >= self.tuning.cleanup_grace - 1e-6:
             self.stop("no players")
+        elif self._cleanup_call is None:
+            wait = self.tuning.cleanup_grace - (now - left_at)
+            self._cleanup_call = self.clock.callLater(wait, self._grace_over)
 
     # Stopping
 
-    def stop(self, why: str) -> Deferred:
+    def stop(self, why: str, handover: bool = False) -> Deferred:
         """
-        End the stream: players get a clean end of body, the engine is told
-        to stop, and every key of the stream is deleted.  Idempotent; fires
-        when all that is done.
+        End the stream here: players get a clean end of body.  An owner also
+        tells the engine to stop and deletes the stream's keys, unless it
+        hands the stream over (C{handover}: other workers still have
+        players), in which case it only gives up the lease.  Idempotent;
+        fires when all that is done.
         """
         if self._stopped is None:
             self._stopped = Deferred()
             self.on_stopping(self, self._stopped)
-            Deferred.fromCoroutine(self._stop(why)).chainDeferred(self._stopped)
+            Deferred.fromCoroutine(self._stop(why, handover)).chainDeferred(self._stopped)
         return self._stopped
 
-    async def _stop(self, why: str) -> None:
-        was_started = self.state is not StreamState.STARTING
+    async def _stop(self, why: str, handover: bool) -> None:
         self.state = StreamState.STOPPING
         self.log.info("stream {key} stopping: {why}", key=self.key, why=why)
-        if self._cleanup_call is not None:
-            self._cleanup_call.cancel()
-            self._cleanup_call = None
+        self._cancel_cleanup()
+        for loop in (self._lease_loop, self._poll_loop):
+            if loop is not None and loop.running:
+                loop.stop()
         if self._starting is not None:
             self._starting.cancel()
         if not self._ready:
@@ -294,7 +609,24 @@ class StreamSession:
         for producer in list(self.players):
             producer.finish()
         self.follower.window.clear()
+        self.store.unlisten(self.key, self._event)
+        if self.role is Role.OWNER:
+            if handover:
+                await self._hand_over()
+            else:
+                await self._end_stream()
+        self.log.info("stream {key} stopped", key=self.key)
+
+    async def _hand_over(self) -> None:
         try:
+            await self.store.release_owner(self.key)
+            await self._publish_now(Event.OWNER_CHANGED, handover=True)
+        except Unavailable:
+            self.log.warn("stream {key}: could not hand over, Redis is down", key=self.key)
+
+    async def _end_stream(self) -> None:
+        try:
+            await self._publish_now(Event.STREAM_STOPPING)
             await self.store.delete_stream(self.key)
         except Exception:
             self.log.failure("stream {key}: could not delete its keys", key=self.key)
@@ -308,7 +640,25 @@ class StreamSession:
                     engine=self.engine.id,
                     why=e.message,
                 )
-        self.log.info("stream {key} stopped", key=self.key, started=was_started)
+
+    # Store helpers
+
+    async def _put_metadata(self) -> None:
+        try:
+            await self.store.put_stream(self.key, self.metadata())
+        except Unavailable:
+            if self.role is Role.OWNER and self._starting is not None:
+                raise
+
+    def _publish(self, event: Event, **fields) -> None:
+        self._publish_now(event, **fields).addErrback(self._ignore_unavailable)
+
+    def _publish_now(self, event: Event, **fields) -> Deferred:
+        return self.store.publish(self.key, event.value, **fields)
+
+    def _ignore_unavailable(self, failure: Failure) -> None:
+        if not failure.check(Unavailable):
+            self.log.failure("stream {key}: store call failed", failure, key=self.key)
 
     # Inspection
 
@@ -320,14 +670,15 @@ class StreamSession:
             Meta.KEY: self.key,
             Meta.STATE: self.state.value,
             Meta.PARAM: self.param,
-            Meta.ENGINE_ID: self.engine.id,
-            Meta.ENGINE_URL: self.engine.url,
             Meta.OWNER: self.worker_id,
             Meta.STARTED_AT: self.started_at,
             Meta.BYTES_IN: self.bytes_in,
             Meta.RECONNECTS: self.reconnects,
             Meta.HEALTH: "healthy",
         }
+        if self.engine is not None:
+            fields[Meta.ENGINE_ID] = self.engine.id
+            fields[Meta.ENGINE_URL] = self.engine.url
         if self.last_data_at is not None:
             fields[Meta.LAST_DATA_AT] = self.last_data_at
         if self.playback is not None:

@@ -80,6 +80,45 @@ class Store(Protocol):
         Fire with the time recorded by L{set_last_disconnect}.
         """
 
+    def acquire_owner(self, key: str) -> Deferred[bool]:
+        """
+        Take stream C{key}'s owner lease for this worker if nobody holds it.
+        """
+
+    def renew_owner(self, key: str) -> Deferred[bool]:
+        """
+        Extend this worker's lease (and the life of the stream's keys); fire
+        with false if the lease is not this worker's any more.
+        """
+
+    def release_owner(self, key: str) -> Deferred[bool]:
+        """
+        Give up this worker's lease, if it holds it.
+        """
+
+    def get_owner(self, key: str) -> Deferred[str | None]:
+        """
+        Fire with the id of the worker holding the lease, or L{None}.
+        """
+
+    def publish(self, key: str, event: str, **fields) -> Deferred[None]:
+        """
+        Tell every worker's listeners of stream C{key} about C{event}.
+        """
+
+    def listen(self, key: str, callback) -> None:
+        """
+        Call C{callback(event: dict)} for each event of stream C{key}.
+        """
+
+    def unlisten(self, key: str, callback) -> None:
+        """
+        Undo L{listen}.
+        """
+
+    #: Whether the store can be reached now.
+    available: bool
+
 
 @attrs.define
 class MemoryStore:
@@ -89,11 +128,15 @@ class MemoryStore:
     """
 
     kind = "memory"
+    available = True
 
     clock: IReactorTime
     buffer_chunks: int
     chunk_ttl: float
+    worker_id: str = "local"
     buffer: MemoryRingBuffer = attrs.field(init=False)
+    _owners: dict[str, str] = attrs.field(factory=dict, init=False)
+    _listeners: dict[str, set] = attrs.field(factory=dict, init=False)
     _streams: dict[str, dict] = attrs.field(factory=dict, init=False)
     _clients: dict[str, dict[str, dict]] = attrs.field(factory=dict, init=False)
     _last_disconnect: dict[str, float] = attrs.field(factory=dict, init=False)
@@ -113,6 +156,8 @@ class MemoryStore:
         return succeed([dict(stream) for stream in self._streams.values()])
 
     def delete_stream(self, key: str) -> Deferred[None]:
+        if self._owners.get(key) == self.worker_id:
+            del self._owners[key]
         self._streams.pop(key, None)
         self._clients.pop(key, None)
         self._last_disconnect.pop(key, None)
@@ -146,6 +191,40 @@ class MemoryStore:
 
     def get_last_disconnect(self, key: str) -> Deferred[float | None]:
         return succeed(self._last_disconnect.get(key))
+
+    def acquire_owner(self, key: str) -> Deferred[bool]:
+        if key in self._owners:
+            return succeed(False)
+        self._owners[key] = self.worker_id
+        return succeed(True)
+
+    def renew_owner(self, key: str) -> Deferred[bool]:
+        return succeed(self._owners.get(key) == self.worker_id)
+
+    def release_owner(self, key: str) -> Deferred[bool]:
+        if self._owners.get(key) != self.worker_id:
+            return succeed(False)
+        del self._owners[key]
+        return succeed(True)
+
+    def get_owner(self, key: str) -> Deferred[str | None]:
+        return succeed(self._owners.get(key))
+
+    def publish(self, key: str, event: str, **fields) -> Deferred[None]:
+        message = {"event": event, "worker_id": self.worker_id, "ts": self.clock.seconds(), **fields}
+        for callback in list(self._listeners.get(key, ())):
+            callback(dict(message))
+        return succeed(None)
+
+    def listen(self, key: str, callback) -> None:
+        self._listeners.setdefault(key, set()).add(callback)
+
+    def unlisten(self, key: str, callback) -> None:
+        callbacks = self._listeners.get(key)
+        if callbacks is not None:
+            callbacks.discard(callback)
+            if not callbacks:
+                del self._listeners[key]
 
 
 def _plain(fields: Fields) -> dict:

@@ -94,5 +94,5 @@ def make_server(clock, api=None, engines=None, **tuning) -> ProxyServer:
     tuning = Tuning(**tuning)
     engines = engines or [Engine("engine-a", "http://127.0.0.1:6878", "127.0.0.1", 6878)]
     registry = EngineRegistry(engines, api, clock, tuning.probe_interval)
-    store = MemoryStore(clock, tuning.buffer_chunks, tuning.chunk_ttl)
-    return ProxyServer(store, registry, api, clock, tuning)
+    store = MemoryStore(clock, tuning.buffer_chunks, tuning.chunk_ttl, "worker-1")
+    return ProxyServer(store, registry, api, clock, tuning, "worker-1")

@@ -1,0 +1,466 @@
+"""
+The Redis store: the same L{Store} as the embedded one, kept in Redis under
+the seed's key schema (L{acestream_proxy.redis_keys}), so that several
+workers on one host or many share streams.
+
+Chunk data travels on connections that never decode (C{charset=None}): a
+chunk of plain ASCII bytes comes back as bytes.  Every multi-key change is one
+Lua script, so it costs one round trip and cannot be seen half done.  Every
+key of a stream expires unless its owner keeps renewing it, so a stream whose
+workers all died leaves nothing behind.
+"""
+
+import json
+from urllib.parse import parse_qs, urlsplit
+
+import attrs
+import txredisapi
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
+from twisted.logger import Logger
+
+from . import redis_keys as keys
+from .errors import Unavailable
+from .store import Fields, _plain
+
+_APPEND = """
+local index = redis.call('INCR', KEYS[1])
+redis.call('SET', ARGV[4] .. index, ARGV[1], 'PX', ARGV[2])
+local old = index - tonumber(ARGV[3])
+if old > 0 then redis.call('DEL', ARGV[4] .. old) end
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('PUBLISH', KEYS[2], string.format(ARGV[5], index))
+return index
+"""
+
+_DELETE_STREAM = """
+local index = tonumber(redis.call('GET', KEYS[3]) or '0')
+for i = math.max(1, index - tonumber(ARGV[2]) + 1), index do
+  redis.call('DEL', ARGV[1] .. i)
+end
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+  redis.call('DEL', ARGV[3] .. id)
+end
+redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[5])
+if redis.call('GET', KEYS[2]) == ARGV[4] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+
+_ADD_CLIENT = """
+redis.call('SADD', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('HSET', KEYS[2], unpack(ARGV, 4))
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return 1
+"""
+
+_UPDATE_CLIENT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+_REMOVE_CLIENT = """
+redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+return redis.call('SCARD', KEYS[1])
+"""
+
+_LIST_CLIENTS = """
+local found = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  table.insert(found, id)
+  table.insert(found, redis.call('HGETALL', ARGV[1] .. id))
+end
+return found
+"""
+
+_PUT_STREAM = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+# Renewing the lease also keeps the stream's other keys alive.
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+for i = 2, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+return 1
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@attrs.frozen
+class RedisAddress:
+    """
+    Where Redis is: C{redis://host[:port][/db]} or C{unix:///path[?db=N]}.
+    """
+
+    host: str | None
+    port: int
+    path: str | None
+    db: int
+
+    @classmethod
+    def parse(cls, url: str) -> "RedisAddress":
+        parts = urlsplit(url)
+        if parts.scheme == "unix":
+            db = int(parse_qs(parts.query).get("db", ["0"])[0])
+            return cls(None, 0, parts.path, db)
+        db = int(parts.path.strip("/") or 0)
+        return cls(parts.hostname or "127.0.0.1", parts.port or 6379, None, db)
+
+    def endpoint(self, reactor):
+        if self.path is not None:
+            return UNIXClientEndpoint(reactor, self.path, timeout=5)
+        return TCP4ClientEndpoint(reactor, self.host, self.port, timeout=5)
+
+    def describe(self) -> str:
+        return self.path if self.path is not None else f"{self.host}:{self.port}/{self.db}"
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _pairs(flat: list) -> dict:
+    return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def _flatten(fields: Fields) -> list:
+    flat = []
+    for name, value in _plain(fields).items():
+        flat += [name, value if isinstance(value, (bytes, str)) else repr(value)]
+    return flat
+
+
+class _Subscriber(txredisapi.SubscriberProtocol):
+    def messageReceived(self, pattern, channel, message):
+        self.factory.store._message(_text(channel), message)
+
+
+class _SubscriberFactory(txredisapi.SubscriberFactory):
+    """
+    Subscribes every (re)connection to all stream event channels.
+    """
+
+    protocol = _Subscriber
+
+    def __init__(self, store: "RedisStore", db: int) -> None:
+        super().__init__(isLazy=True)
+        self.store = store
+        self.dbid = None
+
+    def addConnection(self, conn):
+        super().addConnection(conn)
+        if conn.connected:
+            conn.psubscribe(keys.EVENTS_PATTERN).addErrback(
+                lambda f: self.store.log.warn("could not subscribe to events: {f}", f=f)
+            )
+
+
+@attrs.define(eq=False)
+class RedisRingBuffer:
+    """
+    The L{RingBuffer} of the Redis store: each chunk a key with its own time
+    to live; appending stores the chunk, advances the index, drops the chunk
+    that left the window and publishes C{chunk_added}, all in one script.
+    """
+
+    store: "RedisStore"
+
+    def append(self, key: str, data) -> Deferred[int]:
+        store = self.store
+        event = json.dumps(
+            {"event": "chunk_added", "worker_id": store.worker_id, "ts": store.clock.seconds(), "index": 0}
+        ).replace('"index": 0', '"index": %d')
+        return store._script(
+            _APPEND,
+            [keys.buffer_index(key), keys.events(key)],
+            [
+                bytes(data),
+                int(store.chunk_ttl * 1000),
+                store.buffer_chunks,
+                keys.buffer_chunk_prefix(key),
+                event,
+                store.stream_ttl_ms,
+            ],
+        ).addCallback(int)
+
+    def read(self, key: str, start: int, limit: int) -> Deferred[list[tuple[int, bytes]]]:
+        names = [keys.buffer_chunk(key, index) for index in range(start, start + limit)]
+
+        def pair(values):
+            return [(start + n, v) for n, v in enumerate(values) if v is not None]
+
+        return self.store._call("MGET", *names).addCallback(pair)
+
+    def latest(self, key: str) -> Deferred[int]:
+        return self.store._call("GET", keys.buffer_index(key)).addCallback(lambda v: int(v or 0))
+
+    def delete(self, key: str) -> Deferred[None]:
+        return self.store.delete_stream(key)
+
+
+@attrs.define(eq=False)
+class RedisStore(Service):
+    """
+    L{Store} on Redis, with the owner lease and the event channel that
+    several workers need.
+
+    @ivar stream_ttl_ms: how long a stream's keys live without their owner
+        renewing them.
+    """
+
+    kind = "redis"
+    log = Logger()
+
+    url: str
+    clock: object
+    worker_id: str
+    buffer_chunks: int
+    chunk_ttl: float
+    ghost_client_timeout: float
+    owner_lease: float
+    op_timeout: float = 5.0
+    buffer: RedisRingBuffer = attrs.field(init=False)
+    address: RedisAddress = attrs.field(init=False)
+    _pool: object = attrs.field(default=None, init=False)
+    _subscriber: _SubscriberFactory | None = attrs.field(default=None, init=False)
+    _listeners: dict = attrs.field(factory=dict, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.buffer = RedisRingBuffer(self)
+        self.address = RedisAddress.parse(self.url)
+
+    @property
+    def stream_ttl_ms(self) -> int:
+        return int(2000 * max(self.chunk_ttl, self.ghost_client_timeout, self.owner_lease))
+
+    # Connections
+
+    def startService(self) -> None:
+        super().startService()
+        from twisted.internet import reactor
+
+        address = self.address
+        common = dict(
+            dbid=address.db,
+            poolsize=2,
+            reconnect=True,
+            charset=None,
+            convertNumbers=False,
+            replyTimeout=self.op_timeout,
+        )
+        if address.path is not None:
+            self._pool = txredisapi.lazyUnixConnectionPool(address.path, **common)
+        else:
+            self._pool = txredisapi.lazyConnectionPool(
+                address.host, address.port, connectTimeout=self.op_timeout, **common
+            )
+        self._subscriber = _SubscriberFactory(self, address.db)
+        self._subscriber.startConnecting(address.endpoint(reactor))
+        self.log.info("using Redis at {where}", where=address.describe())
+
+    def stopService(self):
+        super().stopService()
+        closing = [self._pool.disconnect()] if self._pool is not None else []
+        if self._subscriber is not None:
+            closing.append(self._subscriber.disconnect())
+        self._pool = self._subscriber = None
+        from twisted.internet.defer import DeferredList
+
+        return DeferredList(closing, consumeErrors=True)
+
+    @property
+    def available(self) -> bool:
+        """
+        Whether a connection to Redis is up now.
+        """
+        return self._pool is not None and self._pool._factory.size > 0
+
+    def _call(self, *command) -> Deferred:
+        """
+        Run one command; fail with L{Unavailable} rather than wait while
+        Redis is unreachable.
+        """
+        if self._pool is None:
+            raise Unavailable("the Redis store is not running")
+        return self._guard(self._pool.execute_command(*command))
+
+    def _script(self, script: str, names: list, args: list) -> Deferred:
+        if self._pool is None:
+            raise Unavailable("the Redis store is not running")
+        return self._guard(self._pool.eval(script, names, args))
+
+    def _guard(self, d: Deferred) -> Deferred:
+        def unavailable(failure):
+            failure.trap(TimeoutError, txredisapi.ConnectionError)
+            raise Unavailable("the Redis store is unavailable")
+
+        return d.addTimeout(self.op_timeout, self.clock).addErrback(unavailable)
+
+    # Events
+
+    def listen(self, key: str, callback) -> None:
+        """
+        Call C{callback(event: dict)} for each event published on stream
+        C{key}'s channel, by any worker.
+        """
+        self._listeners.setdefault(key, set()).add(callback)
+
+    def unlisten(self, key: str, callback) -> None:
+        callbacks = self._listeners.get(key)
+        if callbacks is not None:
+            callbacks.discard(callback)
+            if not callbacks:
+                del self._listeners[key]
+
+    def _message(self, channel: str, message) -> None:
+        callbacks = self._listeners.get(keys.key_of(channel))
+        if not callbacks:
+            return
+        try:
+            event = json.loads(message)
+        except ValueError:
+            self.log.warn("ignoring a malformed event on {channel}", channel=channel)
+            return
+        for callback in list(callbacks):
+            callback(event)
+
+    def publish(self, key: str, event: str, **fields) -> Deferred:
+        message = json.dumps(
+            {"event": event, "worker_id": self.worker_id, "ts": self.clock.seconds(), **fields}
+        )
+        return self._call("PUBLISH", keys.events(key), message)
+
+    # Ownership
+
+    def acquire_owner(self, key: str) -> Deferred[bool]:
+        """
+        Take the stream's owner lease if nobody holds it.
+        """
+        d = self._call(
+            "SET", keys.owner(key), self.worker_id, "NX", "PX", int(self.owner_lease * 1000)
+        )
+        return d.addCallback(lambda reply: reply is not None)
+
+    def renew_owner(self, key: str) -> Deferred[bool]:
+        """
+        Extend our lease, and the life of the stream's keys; false if the
+        lease is no longer ours.
+        """
+        names = [
+            keys.owner(key),
+            keys.metadata(key),
+            keys.buffer_index(key),
+            keys.clients(key),
+            keys.last_client_disconnect_time(key),
+        ]
+        d = self._script(_RENEW, names, [self.worker_id, int(self.owner_lease * 1000), self.stream_ttl_ms])
+        return d.addCallback(lambda reply: int(reply) == 1)
+
+    def release_owner(self, key: str) -> Deferred[bool]:
+        d = self._script(_RELEASE, [keys.owner(key)], [self.worker_id])
+        return d.addCallback(lambda reply: int(reply) == 1)
+
+    def get_owner(self, key: str) -> Deferred[str | None]:
+        return self._call("GET", keys.owner(key)).addCallback(
+            lambda v: _text(v) if v is not None else None
+        )
+
+    # Streams
+
+    def put_stream(self, key: str, fields: Fields) -> Deferred[None]:
+        return self._script(
+            _PUT_STREAM, [keys.metadata(key)], [self.stream_ttl_ms, *_flatten(fields)]
+        ).addCallback(lambda _: None)
+
+    def get_stream(self, key: str) -> Deferred[dict | None]:
+        return self._call("HGETALL", keys.metadata(key)).addCallback(
+            lambda flat: _pairs(flat) or None
+        )
+
+    async def list_streams(self) -> list[dict]:
+        names, cursor = set(), b"0"
+        while True:
+            cursor, found = await self._call(
+                "SCAN", cursor, "MATCH", keys.METADATA_PATTERN, "COUNT", 200
+            )
+            names.update(_text(n) for n in found)
+            if _text(cursor) == "0":
+                break
+        streams = []
+        for name in sorted(names):
+            meta = await self.get_stream(keys.key_of(name))
+            if meta is not None:
+                streams.append(meta)
+        return streams
+
+    def delete_stream(self, key: str) -> Deferred[None]:
+        return self._script(
+            _DELETE_STREAM,
+            [
+                keys.metadata(key),
+                keys.owner(key),
+                keys.buffer_index(key),
+                keys.clients(key),
+                keys.last_client_disconnect_time(key),
+            ],
+            [keys.buffer_chunk_prefix(key), self.buffer_chunks, keys.client_prefix(key), self.worker_id],
+        ).addCallback(lambda _: None)
+
+    # Clients
+
+    def add_client(self, key: str, client_id: str, fields: Fields) -> Deferred[None]:
+        return self._script(
+            _ADD_CLIENT,
+            [keys.clients(key), keys.client(key, client_id)],
+            [int(self.ghost_client_timeout * 1000), self.stream_ttl_ms, client_id, *_flatten(fields)],
+        ).addCallback(lambda _: None)
+
+    def update_client(self, key: str, client_id: str, fields: Fields) -> Deferred[None]:
+        return self._script(
+            _UPDATE_CLIENT,
+            [keys.client(key, client_id)],
+            [int(self.ghost_client_timeout * 1000), *_flatten(fields)],
+        ).addCallback(lambda _: None)
+
+    def remove_client(self, key: str, client_id: str) -> Deferred[int]:
+        return self._script(
+            _REMOVE_CLIENT, [keys.clients(key), keys.client(key, client_id)], [client_id]
+        ).addCallback(int)
+
+    def list_clients(self, key: str) -> Deferred[dict[str, dict]]:
+        """
+        Every member of the clients set; a member whose hash has expired (its
+        worker stopped heartbeating it) comes with no fields, and so with no
+        heartbeat: a ghost.
+        """
+
+        def parse(flat):
+            return {_text(flat[i]): _pairs(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+        return self._script(_LIST_CLIENTS, [keys.clients(key)], [keys.client_prefix(key)]).addCallback(
+            parse
+        )
+
+    def set_last_disconnect(self, key: str, when: float | None) -> Deferred[None]:
+        name = keys.last_client_disconnect_time(key)
+        if when is None:
+            d = self._call("DEL", name)
+        else:
+            d = self._call("SET", name, repr(when), "PX", self.stream_ttl_ms)
+        return d.addCallback(lambda _: None)
+
+    def get_last_disconnect(self, key: str) -> Deferred[float | None]:
+        return self._call("GET", keys.last_client_disconnect_time(key)).addCallback(
+            lambda v: float(v) if v is not None else None
+        )
