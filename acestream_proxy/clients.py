@@ -62,7 +62,7 @@ class ClientSupervisor(Service):
                     # (Redis restarted empty) has it again.
                     await self.store.add_client(session.key, cid, session.client_fields(producer))
             await self._remove_ghosts(session, now)
-            await session.check_idle()
+            await session.refresh()
         self._progress = progress
 
     async def _remove_ghosts(self, session, now: float) -> None:

@@ -276,7 +276,7 @@ class ProxyServer(MultiService):
             "reconnects": _number(meta.get(Meta.RECONNECTS)) or 0,
             "buffer_index": await self.store.buffer.latest(key),
         }
-        if session is not None:
+        if session is not None and session.role is Role.OWNER:
             described["bytes_in"] = session.bytes_in
             described["last_data_at"] = session.last_data_at
         return described

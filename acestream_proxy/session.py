@@ -85,6 +85,7 @@ class StreamSession:
     _reader: EngineReader | None = attrs.field(default=None, init=False)
     _starting: Deferred | None = attrs.field(default=None, init=False)
     _first_data: Deferred | None = attrs.field(default=None, init=False)
+    _data_arrived: Deferred | None = attrs.field(default=None, init=False)
     _ready: Failure | bool = attrs.field(default=False, init=False)
     _waiters: list = attrs.field(factory=list, init=False)
     _cleanup_call: object = attrs.field(default=None, init=False)
@@ -203,28 +204,25 @@ class StreamSession:
         return True
 
     def _read(self, response) -> None:
-        self._first_data = Deferred()
+        self._first_data = self._data_arrived = Deferred()
         self._reader = EngineReader(self._on_data, self._on_end)
         response.deliverBody(self._reader)
 
-    async def _wait_first_data(self) -> None:
+    async def _wait_first_data(self, what: str | None = None) -> None:
         try:
-            await self._first_data.addTimeout(self.tuning.first_byte_timeout, self.clock)
+            await self._data_arrived.addTimeout(self.tuning.first_byte_timeout, self.clock)
         except TimeoutError:
-            raise EngineTimeout(f"engine {self.engine.id} sent no data in time")
+            raise EngineTimeout(f"{what or 'engine ' + self.engine.id} sent no data in time")
 
     async def _start_follower(self) -> None:
         try:
             latest = await self.store.buffer.latest(self.key)
             if latest:
                 self._next_index = max(1, latest - self.tuning.join_chunks + 1)
-            self._first_data = Deferred()
+            self._first_data = self._data_arrived = Deferred()
             self._poll_loop = self._loop(self._fetch, FOLLOW_POLL)
             await self._fetch()
-            try:
-                await self._first_data.addTimeout(self.tuning.first_byte_timeout, self.clock)
-            except TimeoutError:
-                raise EngineTimeout(f"stream {self.key} brought no data in time")
+            await self._wait_first_data(f"stream {self.key}")
         except CancelledError:
             self._starting = None
             return
@@ -551,6 +549,16 @@ class StreamSession:
     def _grace_over(self) -> None:
         self._cleanup_call = None
         Deferred.fromCoroutine(self.check_idle())
+
+    async def refresh(self) -> None:
+        """
+        The supervisor's periodic work for a stream this worker owns: bring
+        its metadata (bytes in, time of last data) up to date, and stop it if
+        it has been idle for the grace.
+        """
+        if self.role is Role.OWNER and self.state is StreamState.STARTED and not self.stopping:
+            await self._put_metadata()
+            await self.check_idle()
 
     async def check_idle(self) -> None:
         """

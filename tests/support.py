@@ -83,10 +83,13 @@ class RunningProxy:
 
 
 @inlineCallbacks
-def start_proxy(engines: list[EngineConfig], admin_token: str | None = None, **tuning):
+def start_proxy(
+    engines: list[EngineConfig], admin_token: str | None = None, redis: str | None = None, **tuning
+):
     config = Config(
         listen="tcp:0:interface=127.0.0.1",
         admin_token=admin_token,
+        redis=redis,
         engines=tuple(engines),
         tuning=Tuning(**tuning),
     )
