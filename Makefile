@@ -6,7 +6,7 @@ SOURCES := setup.cfg pyproject.toml $(shell find acestream_proxy twisted -name '
 TWISTD_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test demo bench clean
+.PHONY: run test demo bench bench-redis clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ demo: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/fanout.py
+
+bench-redis: $(VENV)/.installed
+	$(BIN)/python bench/fanout.py --redis --workers 2 --players 1,10,100,500
 
 clean:
 	rm -rf $(VENV) build *.egg-info

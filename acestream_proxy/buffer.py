@@ -10,11 +10,13 @@ worker, not once per player.
 """
 
 from collections import deque
-from typing import Protocol
+from typing import Callable, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
+
+from .errors import Unavailable
 
 
 def frame(data: bytes) -> tuple[bytes, int]:
@@ -118,6 +120,13 @@ class ChunkWindow:
         self._chunks.clear()
 
 
+class NotOwner(Unavailable):
+    """
+    The buffer refused a chunk: this worker does not hold the stream's
+    owner lease, so another worker's chunks may be landing in its place.
+    """
+
+
 class RingBuffer(Protocol):
     """
     A store's shared ring buffer, one per stream key.
@@ -125,7 +134,9 @@ class RingBuffer(Protocol):
 
     def append(self, key: str, data: bytes | memoryview) -> Deferred[int]:
         """
-        Store C{data} as the stream's next chunk; fire with its index.
+        Store C{data} as the stream's next chunk; fire with its index.  Only
+        the holder of the stream's owner lease may append; anyone else gets
+        L{NotOwner}.
         """
 
     def read(self, key: str, start: int, limit: int) -> Deferred[list[tuple[int, bytes]]]:
@@ -155,11 +166,18 @@ class _MemoryStream:
 class MemoryRingBuffer:
     """
     L{RingBuffer} in this process's memory; every call fires at once.
+
+    @ivar on_append: called with the key and index of each new chunk, so
+        that the store can announce C{chunk_added} as the Redis buffer does.
+    @ivar may_append: whether this worker may append to a stream (holds its
+        owner lease); a refused append fails with L{NotOwner}.
     """
 
     clock: IReactorTime
     max_chunks: int
     ttl: float
+    on_append: Callable[[str, int], object] | None = None
+    may_append: Callable[[str], bool] | None = None
     _streams: dict[str, _MemoryStream] = attrs.field(factory=dict, init=False)
 
     def _expire(self, stream: _MemoryStream) -> None:
@@ -173,12 +191,16 @@ class MemoryRingBuffer:
         Keep C{data} as given: a view into a framed chunk stays a view, so
         this buffer and the fan-out window share its memory.
         """
+        if self.may_append is not None and not self.may_append(key):
+            return fail(NotOwner("this worker does not own the stream"))
         stream = self._streams.setdefault(key, _MemoryStream())
         stream.index += 1
         stream.chunks.append((stream.index, self.clock.seconds(), data))
         while len(stream.chunks) > self.max_chunks:
             stream.chunks.popleft()
         self._expire(stream)
+        if self.on_append is not None:
+            self.on_append(key, stream.index)
         return succeed(stream.index)
 
     def read(self, key: str, start: int, limit: int) -> Deferred[list[tuple[int, bytes]]]:

@@ -5,7 +5,11 @@ and removes clients whose heartbeat is older than C{ghost_client_timeout}.
 
 A ghost is a player whose network went away without a disconnect: its socket
 stays full, its producer stays paused and it makes no progress, so its
-heartbeat ages until it is removed and its connection dropped.
+heartbeat ages until it is removed and its connection dropped.  Each worker
+judges its own players by the heartbeats it wrote, without reading them back;
+the stream's owner also removes the clients of workers that stopped
+heartbeating them (a worker that died), so that the clients are read once per
+round, not once per worker.
 """
 
 from typing import Callable, Iterable
@@ -18,6 +22,7 @@ from twisted.logger import Logger
 
 from .constants import ClientField
 from .errors import Unavailable
+from .session import Role
 from .store import Store
 
 
@@ -35,6 +40,7 @@ class ClientSupervisor(Service):
     heartbeat_interval: float
     ghost_client_timeout: float
     _progress: dict = attrs.field(factory=dict, init=False)
+    _beats: dict = attrs.field(factory=dict, init=False)
     _loop: LoopingCall | None = attrs.field(default=None, init=False)
 
     def tick(self) -> Deferred:
@@ -50,6 +56,11 @@ class ClientSupervisor(Service):
             self.log.failure("client heartbeat round failed", failure)
 
     async def _tick(self) -> None:
+        if not self.store.available:
+            # Each call would wait out the store's timeout; the players keep
+            # streaming meanwhile, and the first round after Redis is back
+            # writes every one of them again.
+            return
         now = self.clock.seconds()
         progress = {}
         for session in list(self.sessions()):
@@ -61,27 +72,47 @@ class ClientSupervisor(Service):
                     # Written whole, so that a store that lost the client
                     # (Redis restarted empty) has it again.
                     await self.store.add_client(session.key, cid, session.client_fields(producer))
-            await self._remove_ghosts(session, now)
+                    self._beats[cid] = now
+            self._drop_ghosts(session, now)
+            if session.role is Role.OWNER:
+                await self._remove_ghosts(session, now)
             await session.refresh()
         self._progress = progress
+        self._beats = {cid: beat for cid, beat in self._beats.items() if cid in progress}
+
+    def _drop_ghosts(self, session, now: float) -> None:
+        """
+        Drop this worker's players whose last heartbeat (the one written
+        when they joined, if none since) is too old; leaving, each removes
+        its client from the store.
+        """
+        oldest = now - self.ghost_client_timeout
+        for producer in list(session.players):
+            client = producer.client
+            if self._beats.get(client.id, client.connected_at) < oldest:
+                self._ghost(client.id, session.key)
+                producer.abort()
 
     async def _remove_ghosts(self, session, now: float) -> None:
+        """
+        The owner removes the clients other workers stopped heartbeating.
+        """
         clients = await self.store.list_clients(session.key)
         oldest = now - self.ghost_client_timeout
         for cid, fields in clients.items():
             if float(fields.get(ClientField.LAST_HEARTBEAT, 0)) >= oldest:
                 continue
-            self.log.warn(
-                "client {client} of stream {key} sent no heartbeat for {timeout}s; removing it",
-                client=cid,
-                key=session.key,
-                timeout=self.ghost_client_timeout,
-            )
-            producer = session.player(cid)
-            if producer is not None:
-                producer.abort()
-            else:
+            if session.player(cid) is None:
+                self._ghost(cid, session.key)
                 await self.store.remove_client(session.key, cid)
+
+    def _ghost(self, client_id: str, key: str) -> None:
+        self.log.warn(
+            "client {client} of stream {key} sent no heartbeat for {timeout}s; removing it",
+            client=client_id,
+            key=key,
+            timeout=self.ghost_client_timeout,
+        )
 
     def startService(self) -> None:
         super().startService()

@@ -53,6 +53,8 @@ class ClientProducer:
     follower: BufferFollower
     request: object
     on_detach: Callable[["ClientProducer"], None]
+    clock: object = None
+    write_timeout: float | None = None
     position: int | None = None
     paused: bool = False
     finished: bool = False
@@ -60,6 +62,7 @@ class ClientProducer:
     skips: int = 0
     done: Deferred = attrs.field(init=False)
     _write: Callable[[bytes], None] | None = attrs.field(default=None, init=False)
+    _stall: object = attrs.field(default=None, init=False)
     _chunked: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -73,9 +76,15 @@ class ClientProducer:
         request = self.request
         request.write(b"")
         self._chunked = bool(request.chunked)
+        transport = request.transport
         # Chunks are sent pre-framed straight to the transport: the same bytes
         # object for every player, no per-player framing.
-        self._write = direct_writer(request.transport)
+        self._write = direct_writer(transport)
+        # Pause as soon as the kernel does not take a whole chunk: a stuck
+        # player then holds at most the rest of one chunk in our memory, and
+        # catches up from the shared window when its socket drains.
+        if hasattr(transport, "bufferSize"):
+            transport.bufferSize = 0
         self.follower.add(self)
         request.registerProducer(self, True)
         self.position = self.follower.join_position()
@@ -133,12 +142,34 @@ class ClientProducer:
     def pauseProducing(self) -> None:
         self.paused = True
         self.follower.go_idle(self)
+        if self.clock is not None and self._stall is None and not self.finished:
+            self._stall = self.clock.callLater(self.write_timeout, self._stalled)
 
     def resumeProducing(self) -> None:
         if self.finished:
             return
         self.paused = False
+        self._cancel_stall()
         self._catch_up()
+
+    def _stalled(self) -> None:
+        """
+        The player's socket stayed full for C{write_timeout}: drop it, and
+        with it whatever its connection still buffers.
+        """
+        self._stall = None
+        self.log.warn(
+            "client {client} of {key} read nothing for {timeout}s; disconnecting it",
+            client=self.client.id,
+            key=self.client.key,
+            timeout=self.write_timeout,
+        )
+        self.abort()
+
+    def _cancel_stall(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
 
     def stopProducing(self) -> None:
         self._detach()
@@ -168,6 +199,7 @@ class ClientProducer:
         if self.finished:
             return False
         self.finished = True
+        self._cancel_stall()
         self.follower.remove(self)
         if self._write is not None:
             self.request.unregisterProducer()

@@ -16,15 +16,20 @@ from urllib.parse import parse_qs, urlsplit
 import attrs
 import txredisapi
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import Deferred, TimeoutError, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.logger import Logger
 
 from . import redis_keys as keys
+from .buffer import NotOwner
+from .constants import Meta
 from .errors import Unavailable
 from .store import Fields, _plain
 
+# Only the lease holder may append: a stale owner (one that stood still past
+# its lease) is refused, so its chunks cannot land after the new owner's.
 _APPEND = """
+if redis.call('GET', KEYS[3]) ~= ARGV[7] then return -1 end
 local index = redis.call('INCR', KEYS[1])
 redis.call('SET', ARGV[4] .. index, ARGV[1], 'PX', ARGV[2])
 local old = index - tonumber(ARGV[3])
@@ -34,22 +39,58 @@ redis.call('PUBLISH', KEYS[2], string.format(ARGV[5], index))
 return index
 """
 
-_DELETE_STREAM = """
-local index = tonumber(redis.call('GET', KEYS[3]) or '0')
+# Reads from the oldest chunk still in the window at or after ARGV[1]: chunks
+# that left the window or expired are skipped, not counted against the limit,
+# as the embedded buffer does.  One MGET per batch of at most 500 names keeps
+# the work per chunk one command and the arguments within what unpack takes.
+_READ = """
+local index = tonumber(redis.call('GET', KEYS[1]) or '0')
+local limit = tonumber(ARGV[2])
+local i = math.max(1, tonumber(ARGV[1]), index - tonumber(ARGV[3]) + 1)
+local found = {}
+while i <= index and #found < 2 * limit do
+  local last = math.min(index, i + math.min(limit - #found / 2, 500) - 1)
+  local names = {}
+  for n = i, last do names[#names + 1] = ARGV[4] .. n end
+  local values = redis.call('MGET', unpack(names))
+  for n = 1, #names do
+    if values[n] then
+      found[#found + 1] = i + n - 1
+      found[#found + 1] = values[n]
+    end
+  end
+  i = last + 1
+end
+return found
+"""
+
+# KEYS[1] is the buffer index, ARGV[1] the chunk key prefix, ARGV[2] the
+# window size: every chunk the window can hold goes with the index.
+_DELETE_CHUNKS = """
+local index = tonumber(redis.call('GET', KEYS[1]) or '0')
 for i = math.max(1, index - tonumber(ARGV[2]) + 1), index do
   redis.call('DEL', ARGV[1] .. i)
 end
+redis.call('DEL', KEYS[1])
+"""
+
+_DELETE_BUFFER = _DELETE_CHUNKS + "return 1\n"
+
+# KEYS: buffer index, owner, metadata, clients, last disconnect time.
+_DELETE_STREAM = _DELETE_CHUNKS + """
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[4])) do
   redis.call('DEL', ARGV[3] .. id)
 end
-redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[5])
+redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
 if redis.call('GET', KEYS[2]) == ARGV[4] then redis.call('DEL', KEYS[2]) end
 return 1
 """
 
+# Adding a client replaces its hash whole, as the embedded store does.
 _ADD_CLIENT = """
 redis.call('SADD', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], unpack(ARGV, 4))
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
 return 1
@@ -134,6 +175,17 @@ def _pairs(flat: list) -> dict:
     return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
+def _format_template(message: dict, number: str) -> str:
+    """
+    C{message} as JSON with a C{%d} for the field C{number}, for Lua's
+    C{string.format} to fill in: every other C{%} is doubled so that a text
+    field cannot be taken for a format directive.
+    """
+    text = json.dumps({**message, number: 0}).replace("%", "%%")
+    head, _, tail = text.rpartition(f'"{number}": 0')
+    return f'{head}"{number}": %d{tail}'
+
+
 def _flatten(fields: Fields) -> list:
     flat = []
     for name, value in _plain(fields).items():
@@ -166,6 +218,13 @@ class _SubscriberFactory(txredisapi.SubscriberFactory):
             )
 
 
+def _appended_index(reply) -> int:
+    index = int(reply)
+    if index < 0:
+        raise NotOwner("this worker does not own the stream")
+    return index
+
+
 @attrs.define(eq=False)
 class RedisRingBuffer:
     """
@@ -178,12 +237,13 @@ class RedisRingBuffer:
 
     def append(self, key: str, data) -> Deferred[int]:
         store = self.store
-        event = json.dumps(
-            {"event": "chunk_added", "worker_id": store.worker_id, "ts": store.clock.seconds(), "index": 0}
-        ).replace('"index": 0', '"index": %d')
+        event = _format_template(
+            {"event": "chunk_added", "worker_id": store.worker_id, "ts": store.clock.seconds()},
+            "index",
+        )
         return store._script(
             _APPEND,
-            [keys.buffer_index(key), keys.events(key)],
+            [keys.buffer_index(key), keys.events(key), keys.owner(key)],
             [
                 bytes(data),
                 int(store.chunk_ttl * 1000),
@@ -191,22 +251,41 @@ class RedisRingBuffer:
                 keys.buffer_chunk_prefix(key),
                 event,
                 store.stream_ttl_ms,
+                store.worker_id,
             ],
-        ).addCallback(int)
+        ).addCallback(_appended_index)
 
     def read(self, key: str, start: int, limit: int) -> Deferred[list[tuple[int, bytes]]]:
-        names = [keys.buffer_chunk(key, index) for index in range(start, start + limit)]
+        """
+        Up to C{limit} chunks from C{start} on; chunks that left the window or
+        expired are skipped, so a reader that fell behind gets the oldest
+        chunks still there rather than nothing.
+        """
+        store = self.store
 
-        def pair(values):
-            return [(start + n, v) for n, v in enumerate(values) if v is not None]
+        def pairs(flat):
+            return [(int(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
 
-        return self.store._call("MGET", *names).addCallback(pair)
+        return store._script(
+            _READ,
+            [keys.buffer_index(key)],
+            [start, limit, store.buffer_chunks, keys.buffer_chunk_prefix(key)],
+        ).addCallback(pairs)
 
     def latest(self, key: str) -> Deferred[int]:
         return self.store._call("GET", keys.buffer_index(key)).addCallback(lambda v: int(v or 0))
 
     def delete(self, key: str) -> Deferred[None]:
-        return self.store.delete_stream(key)
+        """
+        Forget the chunks and the index only: the stream's metadata and
+        clients are L{RedisStore.delete_stream}'s to remove.
+        """
+        store = self.store
+        return store._script(
+            _DELETE_BUFFER,
+            [keys.buffer_index(key)],
+            [keys.buffer_chunk_prefix(key), store.buffer_chunks],
+        ).addCallback(lambda _: None)
 
 
 @attrs.define(eq=False)
@@ -288,16 +367,17 @@ class RedisStore(Service):
 
     def _call(self, *command) -> Deferred:
         """
-        Run one command; fail with L{Unavailable} rather than wait while
-        Redis is unreachable.
+        Run one command; fail with L{Unavailable} when the store is stopped,
+        or when Redis has not answered within C{op_timeout}, rather than wait
+        for as long as Redis is unreachable.
         """
         if self._pool is None:
-            raise Unavailable("the Redis store is not running")
+            return fail(Unavailable("the Redis store is not running"))
         return self._guard(self._pool.execute_command(*command))
 
     def _script(self, script: str, names: list, args: list) -> Deferred:
         if self._pool is None:
-            raise Unavailable("the Redis store is not running")
+            return fail(Unavailable("the Redis store is not running"))
         return self._guard(self._pool.eval(script, names, args))
 
     def _guard(self, d: Deferred) -> Deferred:
@@ -379,6 +459,11 @@ class RedisStore(Service):
     # Streams
 
     def put_stream(self, key: str, fields: Fields) -> Deferred[None]:
+        """
+        The metadata always carries the stream's key, as the embedded
+        store's does: listings identify streams by it.
+        """
+        fields = {Meta.KEY.value: key, **_plain(fields)}
         return self._script(
             _PUT_STREAM, [keys.metadata(key)], [self.stream_ttl_ms, *_flatten(fields)]
         ).addCallback(lambda _: None)
@@ -388,7 +473,13 @@ class RedisStore(Service):
             lambda flat: _pairs(flat) or None
         )
 
-    async def list_streams(self) -> list[dict]:
+    def list_streams(self) -> Deferred[list[dict]]:
+        """
+        A L{Deferred}, as every L{Store} method returns, not a coroutine.
+        """
+        return Deferred.fromCoroutine(self._list_streams())
+
+    async def _list_streams(self) -> list[dict]:
         names, cursor = set(), b"0"
         while True:
             cursor, found = await self._call(
@@ -408,9 +499,9 @@ class RedisStore(Service):
         return self._script(
             _DELETE_STREAM,
             [
-                keys.metadata(key),
-                keys.owner(key),
                 keys.buffer_index(key),
+                keys.owner(key),
+                keys.metadata(key),
                 keys.clients(key),
                 keys.last_client_disconnect_time(key),
             ],

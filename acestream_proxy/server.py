@@ -204,7 +204,11 @@ class ProxyServer(MultiService):
         on other workers hands it over instead of ending it.
         """
         handover = False
-        if session.role is Role.OWNER and session.state is StreamState.STARTED:
+        if (
+            session.role is Role.OWNER
+            and session.state is StreamState.STARTED
+            and self.store.available
+        ):
             try:
                 clients = await self.store.list_clients(session.key)
             except Unavailable:
@@ -254,7 +258,11 @@ class ProxyServer(MultiService):
         described = await self._describe(meta)
         clients = await self.store.list_clients(key)
         described["clients"] = [
-            {field: value for field, value in fields.items()} for fields in clients.values()
+            {
+                field: _number(value) if field in _NUMERIC_CLIENT_FIELDS else value
+                for field, value in fields.items()
+            }
+            for fields in clients.values()
         ]
         return described
 
@@ -302,6 +310,12 @@ class ProxyServer(MultiService):
         if self.store.kind == "redis":
             health["redis"] = "up" if store_up else "down"
         return health
+
+
+#: Client fields shown as numbers whichever store kept them.
+_NUMERIC_CLIENT_FIELDS = frozenset(
+    {ClientField.CONNECTED_AT, ClientField.LAST_HEARTBEAT, ClientField.BYTES_SENT, ClientField.SKIPS}
+)
 
 
 def _number(value):

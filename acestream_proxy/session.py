@@ -12,9 +12,18 @@ poll as a safety net) and fans it out to its own players.  When the owner's
 lease lapses (the owner died, or handed the stream over), a follower takes
 the lease and becomes the owner, continuing the buffer's index.
 
+While Redis is down the owner goes on reading the engine and serving its own
+players (followers have nothing to read); when Redis is back, empty, the
+owner takes its lease again and writes the stream's keys back, and followers
+notice that the buffer began afresh.  An owner appends only while its lease
+is surely its own: one that stood still past its lease (a frozen process)
+holds its chunks until the lease tick renews the lease or finds it taken and
+steps down, so that the buffer is written by one owner at a time.
+
 With the embedded store there is only ever one worker, the owner.
 """
 
+from collections import deque
 from enum import StrEnum
 from typing import Awaitable, Callable
 
@@ -35,7 +44,7 @@ from .producer import ClientInfo, ClientProducer
 from .reader import EngineReader
 from .store import Store
 
-#: Appends a store may have in flight before the engine's transport is paused.
+#: Chunks that may wait for the store before the engine's transport is paused.
 MAX_PENDING_APPENDS = 8
 
 #: Seconds between a follower's safety polls of the ring buffer.
@@ -89,13 +98,17 @@ class StreamSession:
     _ready: Failure | bool = attrs.field(default=False, init=False)
     _waiters: list = attrs.field(factory=list, init=False)
     _cleanup_call: object = attrs.field(default=None, init=False)
-    _pending: int = attrs.field(default=0, init=False)
+    _unstored: deque = attrs.field(factory=deque, init=False)
+    _appending: bool = attrs.field(default=False, init=False)
     _last_index: int = attrs.field(default=0, init=False)
     _next_index: int | None = attrs.field(default=None, init=False)
     _fetching: bool = attrs.field(default=False, init=False)
     _fetch_again: bool = attrs.field(default=False, init=False)
     _lease_loop: LoopingCall | None = attrs.field(default=None, init=False)
     _poll_loop: LoopingCall | None = attrs.field(default=None, init=False)
+    _orphaned_at: float | None = attrs.field(default=None, init=False)
+    _leasing: bool = attrs.field(default=False, init=False)
+    _lease_until: float = attrs.field(default=0.0, init=False)
     _stopped: Deferred | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -121,6 +134,8 @@ class StreamSession:
         with L{wait_ready}.
         """
         self.store.listen(self.key, self._event)
+        # An owner's lease was taken just now, by the server.
+        self._lease_until = self.clock.seconds() + self.tuning.owner_lease
         self._lease_loop = self._loop(self._lease_tick, self.tuning.owner_lease / 3)
         if self.role is Role.OWNER:
             self._starting = Deferred.fromCoroutine(self._start_owner(takeover))
@@ -277,36 +292,75 @@ class StreamSession:
     def _on_data(self, packets: bytes) -> None:
         now = self.clock.seconds()
         self.last_data_at = now
-        self._pending += 1
-        if self._pending > MAX_PENDING_APPENDS:
-            self._reader.pause()
         # Framed once, here; the store and the fan-out share these bytes.
         framed, start = frame(packets)
+        self._unstored.append((framed, start, now))
+        if len(self._unstored) > MAX_PENDING_APPENDS:
+            self._reader.pause()
+        self._store_next()
+
+    def _store_next(self) -> None:
+        """
+        Append the oldest chunk not yet stored.  One append at a time: the
+        store may send two commands down different connections, and Redis
+        would then number the chunks in whichever order it read them.
+        While the store is down the chunks go to this worker's players at
+        once, numbered locally, rather than wait for a timeout.
+        """
+        if self._appending or not self._unstored:
+            return
+        if not self.store.available:
+            while self._unstored:
+                self._publish_local(*self._unstored.popleft())
+            self._resume_reader()
+            return
+        if self.clock.seconds() > self._lease_until - self.tuning.owner_lease / 3:
+            # Our lease may have lapsed (this process stood still, say): an
+            # append now could land after another owner's.  The chunks wait
+            # for the lease tick, which is due, to renew it or step down.
+            return
+        framed, start, _ = self._unstored[0]
+        self._appending = True
         d = self.store.buffer.append(self.key, memoryview(framed)[start:-2])
-        d.addCallbacks(
-            self._appended,
-            self._append_failed,
-            callbackArgs=(framed, start, now),
-            errbackArgs=(framed, start, now),
-        )
+        d.addCallbacks(self._appended, self._append_failed)
 
-    def _appended(self, index: int, framed: bytes, start: int, now: float) -> None:
-        self._pending -= 1
-        if self._pending <= MAX_PENDING_APPENDS // 2 and self._reader is not None:
-            self._reader.resume()
-        self._publish_chunk(Chunk(index, framed, start, now))
+    def _stored(self) -> tuple[bytes, int, float]:
+        """
+        The oldest unstored chunk has been dealt with: forget it.
+        """
+        self._appending = False
+        entry = self._unstored.popleft()
+        self._resume_reader()
+        return entry
 
-    def _append_failed(self, failure: Failure, framed: bytes, start: int, now: float) -> None:
-        """
-        The store could not take the chunk (Redis is down): this worker's
-        players still get it, numbered locally.
-        """
-        self._pending -= 1
-        if self._pending <= MAX_PENDING_APPENDS // 2 and self._reader is not None:
+    def _resume_reader(self) -> None:
+        if len(self._unstored) <= MAX_PENDING_APPENDS // 2 and self._reader is not None:
             self._reader.resume()
+
+    def _appended(self, index: int) -> None:
+        framed, start, now = self._stored()
+        # A demoted owner's last append is read back from the buffer.
+        if self.role is Role.OWNER and not self.stopping:
+            self._publish_chunk(Chunk(index, framed, start, now))
+        self._store_next()
+
+    def _append_failed(self, failure: Failure) -> None:
+        """
+        The store could not take the chunk (Redis went down): this worker's
+        players still get it.
+        """
+        self._publish_local(*self._stored())
         if not failure.check(Unavailable):
             self.log.failure("stream {key}: could not store a chunk", failure, key=self.key)
-        self._publish_chunk(Chunk(self._last_index + 1, framed, start, now))
+        self._store_next()
+
+    def _publish_local(self, framed: bytes, start: int, now: float) -> None:
+        """
+        Give a chunk the store did not number to this worker's players,
+        numbered after the last one they got.
+        """
+        if self.role is Role.OWNER and not self.stopping:
+            self._publish_chunk(Chunk(self._last_index + 1, framed, start, now))
 
     def _publish_chunk(self, chunk: Chunk) -> None:
         self._last_index = chunk.index
@@ -321,7 +375,7 @@ class StreamSession:
         fan them out.  Calls that arrive while a read runs are folded into
         one more round.
         """
-        if self.role is not Role.FOLLOWER or self.stopping:
+        if self.role is not Role.FOLLOWER or self.stopping or not self.store.available:
             return
         if self._fetching:
             self._fetch_again = True
@@ -345,6 +399,15 @@ class StreamSession:
         if self._next_index is None:
             if not latest:
                 return
+            self._next_index = max(1, latest - self.tuning.join_chunks + 1)
+        elif upto is None and latest < self._next_index - 1:
+            # The index went back: Redis lost the buffer and an owner began
+            # it afresh.  What it wrote before we looked is new to us.
+            self.log.warn(
+                "stream {key}: the buffer restarted at {latest}; following it",
+                key=self.key,
+                latest=latest,
+            )
             self._next_index = max(1, latest - self.tuning.join_chunks + 1)
         while self._next_index <= latest and self.role is Role.FOLLOWER and not self.stopping:
             count = min(READ_BATCH, latest - self._next_index + 1)
@@ -395,69 +458,190 @@ class StreamSession:
 
     async def _lease_tick(self) -> None:
         """
-        Owner: renew the lease (keeping the stream's keys alive); if it was
-        lost, take it again when free (Redis restarted) or become a
-        follower.  Follower: take the lease when the owner's has lapsed.
+        Owner: renew the lease (keeping the stream's keys alive), even while
+        starting, so that a slow engine does not let another worker take the
+        stream too.  Follower: take the lease when the owner's has lapsed.
+        While the store is down nothing is asked of it: the owner goes on
+        serving its own players, and the lease is settled when it is back.
         """
-        if self.stopping or self._starting is not None and self.role is Role.OWNER:
+        if self.stopping or not self.store.available:
             return
         try:
             if self.role is Role.OWNER:
-                if await self.store.renew_owner(self.key):
-                    return
+                await self._keep_lease()
+            elif self._starting is None and await self._owner_gone():
+                asked_at = self.clock.seconds()
                 if await self.store.acquire_owner(self.key):
-                    await self._restore()
-                else:
-                    self._demote()
-            elif await self.store.acquire_owner(self.key):
-                await self._promote()
+                    await self._lease_taken(asked_at)
         except Unavailable:
             pass
 
+    async def _keep_lease(self) -> bool:
+        """
+        Renew the lease; if it was lost, take it again when free (Redis
+        restarted empty) or, once started, become a follower.  True if this
+        worker owns the stream now.  One at a time: run twice at once, the
+        second would find the lease just retaken by the first and step down
+        before its own worker; so while one runs, another call answers false
+        (not known to be ours) without asking.
+        """
+        if self._leasing:
+            return False
+        self._leasing = True
+        asked_at = self.clock.seconds()
+        try:
+            if await self.store.renew_owner(self.key):
+                owned = not self.stopping
+            elif await self.store.acquire_owner(self.key):
+                owned = await self._retaken()
+            else:
+                owned = False
+                if self._starting is None and not self.stopping:
+                    await self._demote()
+        finally:
+            self._leasing = False
+        if owned:
+            self._lease_confirmed(asked_at)
+        return owned
+
+    def _lease_confirmed(self, asked_at: float) -> None:
+        """
+        Redis set the lease's expiry after C{asked_at}: it is ours until at
+        least a lease later.  Chunks held meanwhile may be stored now.
+        """
+        self._lease_until = asked_at + self.tuning.owner_lease
+        self._store_next()
+
+    async def _retaken(self) -> bool:
+        """
+        The lease was free and is ours again: write back what Redis lost,
+        unless the session is stopping.
+        """
+        if self.stopping:
+            await self.store.release_owner(self.key)
+            return False
+        await self._restore()
+        return True
+
+    async def _owner_gone(self) -> bool:
+        """
+        Whether a follower should take the stream: its lease is free, and
+        either the stream's metadata is there (the owner died or handed
+        over) or it has been missing for a whole lease.  Missing metadata
+        with a free lease is what a Redis restart looks like, and the owner,
+        if alive, writes both back within a third of a lease; taking over
+        sooner would start a second engine session.
+        """
+        if await self.store.get_owner(self.key) is not None:
+            self._orphaned_at = None
+            return False
+        if await self.store.get_stream(self.key) is not None:
+            return True
+        now = self.clock.seconds()
+        if self._orphaned_at is None:
+            self._orphaned_at = now
+        return now - self._orphaned_at >= self.tuning.owner_lease
+
+    async def _lease_taken(self, asked_at: float) -> None:
+        """
+        A follower holds the lease now: take the stream over, unless it
+        stopped meanwhile.  The takeover runs as this session's start, so
+        that stopping cancels it and the lease keeps being renewed.
+        """
+        self._orphaned_at = None
+        if self.stopping:
+            await self.store.release_owner(self.key)
+            return
+        self._lease_until = asked_at + self.tuning.owner_lease
+        promoting = Deferred.fromCoroutine(self._promote())
+        if not promoting.called:
+            self._starting = promoting
+
     async def _restore(self) -> None:
         """
-        The store lost our keys (Redis restarted empty): write them again.
+        The store lost our keys (Redis restarted empty): write the metadata
+        and our players again (other workers' heartbeats re-add theirs).
         """
         self.log.warn("stream {key}: its keys were lost; restoring them", key=self.key)
         await self._put_metadata()
         for producer in list(self.players):
             await self.store.add_client(self.key, producer.client.id, self.client_fields(producer))
 
-    def _demote(self) -> None:
+    async def _demote(self) -> None:
         """
-        Another worker holds the lease now: stop reading the engine (its
-        session is the new owner's to use or stop) and follow the buffer.
+        Another worker holds the lease now: stop reading the engine and
+        follow the buffer from the chunk after the last one our players
+        got.  Our engine session is the new owner's to use if the metadata
+        names it; if not, the new owner opened its own and ours would play
+        to nobody, so it is stopped.
         """
         self.log.warn("stream {key}: lost ownership; following", key=self.key)
         self.role = Role.FOLLOWER
         if self._reader is not None:
             self._reader.stop()
             self._reader = None
+        self._drop_unstored()
         self._next_index = self._last_index + 1
-        self._poll_loop = self._loop(self._fetch, FOLLOW_POLL)
+        self._start_polling()
+        engine, playback = self.engine, self.playback
+        self.playback = None
+        if playback is None:
+            return
+        meta = await self.store.get_stream(self.key) or {}
+        if meta.get(Meta.PLAYBACK_SESSION_ID) != playback.playback_session_id:
+            await self._stop_engine(engine, playback)
+
+    def _start_polling(self) -> None:
+        if self._poll_loop is None or not self._poll_loop.running:
+            self._poll_loop = self._loop(self._fetch, FOLLOW_POLL)
+
+    def _drop_unstored(self) -> None:
+        """
+        Forget the chunks waiting for the store, except one being appended.
+        """
+        head = self._unstored[0] if self._appending else None
+        self._unstored.clear()
+        if head is not None:
+            self._unstored.append(head)
 
     async def _promote(self) -> None:
         """
-        The owner's lease lapsed and is ours now: open the engine (reusing
-        its session when it still plays) and write the buffer from where it
-        stopped.
+        The owner's lease lapsed and is ours now: read what it left in the
+        buffer, then open the engine (reusing its session when it still
+        plays) and write the buffer on from there.
         """
         self.log.warn("stream {key}: the owner is gone; taking the stream over", key=self.key)
-        self.role = Role.OWNER
-        if self._poll_loop is not None and self._poll_loop.running:
-            self._poll_loop.stop()
-        self._poll_loop = None
-        self.reconnects += 1
         try:
+            await self._fetch()
+            self.role = Role.OWNER
+            if self._poll_loop is not None and self._poll_loop.running:
+                self._poll_loop.stop()
+            self._poll_loop = None
+            self.reconnects += 1
             meta = await self.store.get_stream(self.key)
             await self._open_engine(meta)
             await self._wait_first_data()
+        except CancelledError:
+            self._starting = None
+            if self.role is Role.FOLLOWER:
+                # Stopped before it owned anything: stopping a follower
+                # leaves the lease alone, so give it back here.
+                self.store.release_owner(self.key).addErrback(self._ignore_unavailable)
+            return
         except Exception as e:
+            self._starting = None
             self.log.warn("stream {key}: takeover failed: {why}", key=self.key, why=e)
             self.stop("takeover failed")
             return
+        self._starting = None
         self.state = StreamState.STARTED
         await self._put_metadata()
+        self.log.info(
+            "stream {key}: took over on {engine} ({session})",
+            key=self.key,
+            engine=self.engine.id,
+            session=self.playback.playback_session_id,
+        )
         self._publish(Event.OWNER_CHANGED, engine=self.engine.id)
 
     # Players
@@ -466,7 +650,14 @@ class StreamSession:
         """
         Attach a player and start streaming to it.
         """
-        producer = ClientProducer(client, self.follower, request, self._player_left)
+        producer = ClientProducer(
+            client,
+            self.follower,
+            request,
+            self._player_left,
+            clock=self.clock,
+            write_timeout=self.tuning.write_timeout,
+        )
         self.players.add(producer)
         if self._cancel_cleanup():
             self.store.set_last_disconnect(self.key, None).addErrback(self._ignore_unavailable)
@@ -554,11 +745,16 @@ class StreamSession:
         """
         The supervisor's periodic work for a stream this worker owns: bring
         its metadata (bytes in, time of last data) up to date, and stop it if
-        it has been idle for the grace.
+        it has been idle for the grace.  The lease is confirmed first: after
+        a Redis restart, metadata written back without it would look to the
+        followers like a stream whose owner died.
         """
-        if self.role is Role.OWNER and self.state is StreamState.STARTED and not self.stopping:
-            await self._put_metadata()
-            await self.check_idle()
+        if self.role is not Role.OWNER or self.state is not StreamState.STARTED or self.stopping:
+            return
+        if not self.store.available or not await self._keep_lease():
+            return
+        await self._put_metadata()
+        await self.check_idle()
 
     async def check_idle(self) -> None:
         """
@@ -614,6 +810,7 @@ class StreamSession:
         if self._reader is not None:
             self._reader.stop()
             self._reader = None
+        self._drop_unstored()
         for producer in list(self.players):
             producer.finish()
         self.follower.window.clear()
@@ -626,6 +823,9 @@ class StreamSession:
         self.log.info("stream {key} stopped", key=self.key)
 
     async def _hand_over(self) -> None:
+        if not self.store.available:
+            self.log.warn("stream {key}: could not hand over, Redis is down", key=self.key)
+            return
         try:
             await self.store.release_owner(self.key)
             await self._publish_now(Event.OWNER_CHANGED, handover=True)
@@ -633,21 +833,33 @@ class StreamSession:
             self.log.warn("stream {key}: could not hand over, Redis is down", key=self.key)
 
     async def _end_stream(self) -> None:
+        """
+        Tell the other workers, delete the keys, stop the engine session.
+        With Redis down the keys are left to expire rather than have the
+        engine wait for the store's timeout.
+        """
         try:
+            if not self.store.available:
+                raise Unavailable("the store is down")
             await self._publish_now(Event.STREAM_STOPPING)
             await self.store.delete_stream(self.key)
+        except Unavailable:
+            self.log.warn("stream {key}: could not delete its keys, Redis is down", key=self.key)
         except Exception:
             self.log.failure("stream {key}: could not delete its keys", key=self.key)
         if self.playback is not None:
-            try:
-                await self.api.stop(self.engine, self.playback)
-            except ProxyError as e:
-                self.log.warn(
-                    "stream {key}: engine {engine} did not confirm stop: {why}",
-                    key=self.key,
-                    engine=self.engine.id,
-                    why=e.message,
-                )
+            await self._stop_engine(self.engine, self.playback)
+
+    async def _stop_engine(self, engine: Engine, playback: Playback) -> None:
+        try:
+            await self.api.stop(engine, playback)
+        except ProxyError as e:
+            self.log.warn(
+                "stream {key}: engine {engine} did not confirm stop: {why}",
+                key=self.key,
+                engine=engine.id,
+                why=e.message,
+            )
 
     # Store helpers
 

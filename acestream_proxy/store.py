@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from .buffer import MemoryRingBuffer, RingBuffer
-from .constants import Meta
+from .constants import Event, Meta
 
 Fields = Mapping[str, Any]
 
@@ -142,7 +142,20 @@ class MemoryStore:
     _last_disconnect: dict[str, float] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.buffer = MemoryRingBuffer(self.clock, self.buffer_chunks, self.chunk_ttl)
+        self.buffer = MemoryRingBuffer(
+            self.clock,
+            self.buffer_chunks,
+            self.chunk_ttl,
+            on_append=self._chunk_added,
+            may_append=lambda key: self._owners.get(key) == self.worker_id,
+        )
+
+    def _chunk_added(self, key: str, index: int) -> None:
+        """
+        Announce a new chunk as the Redis store does, so that listeners see
+        the same events whichever store is configured.
+        """
+        self.publish(key, Event.CHUNK_ADDED.value, index=index)
 
     def put_stream(self, key: str, fields: Fields) -> Deferred[None]:
         self._streams.setdefault(key, {Meta.KEY.value: key}).update(_plain(fields))

@@ -1,11 +1,14 @@
 """
-Fixtures shared by the socket-level tests: a simulated engine and a factory
-of proxies, each stopped after its test.
+Fixtures shared by the socket-level tests: a simulated engine, a factory
+of proxies and real Redis servers, each stopped after its test.
 """
+
+import shutil
 
 import pytest
 import pytest_twisted
 
+from .redis_server import RedisServer
 from .support import start_engine, start_proxy
 
 # 8 Mbit/s in 50 ms batches: about 50 KB per batch.
@@ -31,3 +34,27 @@ def proxy_factory():
     yield start
     for proxy in started:
         pytest_twisted.blockon(proxy.stop())
+
+
+@pytest.fixture
+def redis_server():
+    """
+    A fresh redis-server of this test's own, so that no key of one test can
+    be seen by another.
+    """
+    server = RedisServer().start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.directory, ignore_errors=True)
+
+
+@pytest.fixture(params=["memory", "redis"], ids=["memory", "redis"])
+def store_url(request):
+    """
+    The C{redis} setting a test runs with: L{None} for the embedded store,
+    or the URL of a fresh Redis, so that one test checks both stores.
+    """
+    if request.param == "memory":
+        yield None
+    else:
+        yield request.getfixturevalue("redis_server").url
