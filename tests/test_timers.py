@@ -87,7 +87,7 @@ def test_ghost_client_is_removed_and_disconnected():
     """
     clock = Clock()
     server, api, ghost = started_server(
-        clock, heartbeat_interval=10, ghost_client_timeout=50, cleanup_grace=5
+        clock, heartbeat_interval=10, ghost_client_timeout=50, cleanup_grace=5, write_timeout=600
     )
     healthy, _ = attach(server)
     ghost.producer.pauseProducing()
@@ -103,6 +103,24 @@ def test_ghost_client_is_removed_and_disconnected():
     clients = server.store.list_clients(KEY).result
     assert len(clients) == 1
     assert ghost.transport.disconnecting
+    assert len(server.sessions[KEY].players) == 1
+    assert not healthy.transport.disconnecting
+
+
+def test_player_whose_socket_stays_full_is_dropped_after_write_timeout():
+    clock = Clock()
+    server, api, stuck = started_server(clock, write_timeout=30, heartbeat_interval=100)
+    healthy, _ = attach(server)
+    stuck.producer.pauseProducing()
+    clock.advance(29)
+    assert not stuck.transport.disconnecting
+    # Draining in time resets the timer.
+    stuck.producer.resumeProducing()
+    stuck.producer.pauseProducing()
+    clock.advance(29)
+    assert not stuck.transport.disconnecting
+    clock.advance(1)
+    assert stuck.transport.disconnecting
     assert len(server.sessions[KEY].players) == 1
     assert not healthy.transport.disconnecting
 
