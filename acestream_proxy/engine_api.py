@@ -20,6 +20,10 @@ from twisted.web.iweb import IResponse
 from .engines import Engine
 from .errors import EngineError, EngineTimeout
 
+#: Seconds a stop command may take: it is sent while streams end and the
+#: daemon shuts down, which must not wait for a hung engine.
+STOP_TIMEOUT = 3.0
+
 #: Largest API answer read into memory; an engine's JSON is a few hundred bytes.
 MAX_ANSWER = 64 * 1024
 
@@ -89,16 +93,17 @@ class EngineAPI:
     timeout: float
     first_byte_timeout: float
 
-    async def _call(self, engine: Engine, url: str, what: str) -> dict:
+    async def _call(self, engine: Engine, url: str, what: str, timeout: float | None = None) -> dict:
         """
         GET an API URL and decode its JSON, mapping every way it can go wrong
         to L{EngineError} or L{EngineTimeout}.
         """
+        timeout = timeout or self.timeout
         try:
             d = self.http.get(url)
-            d.addTimeout(self.timeout, self.clock, _timed_out)
+            d.addTimeout(timeout, self.clock, _timed_out)
             response = await d
-            body = await self._read(response).addTimeout(self.timeout, self.clock, _timed_out)
+            body = await self._read(response).addTimeout(timeout, self.clock, _timed_out)
         except (TimeoutError, CancelledError):
             raise EngineTimeout(f"engine {engine.id} did not answer {what} in time")
         except EngineError:
@@ -213,7 +218,7 @@ class EngineAPI:
         End the engine's playback session (C{command_url?method=stop}).
         """
         url = _with_query(check_url(engine, playback.command_url, "command_url"), method="stop")
-        answer = await self._call(engine, url, "stop")
+        answer = await self._call(engine, url, "stop", min(self.timeout, STOP_TIMEOUT))
         if answer.get("error"):
             raise EngineError(f"engine {engine.id} refused stop: {answer['error']}")
 

@@ -4,7 +4,7 @@ a new stream: fewest active streams first, a forwarded engine wins a tie, an
 engine that fails its health probe is skipped.
 """
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 import attrs
 from twisted.application.service import Service
@@ -44,12 +44,17 @@ class Engine:
         }
 
 
-def select_engine(engines: Iterable[Engine], loads: Mapping[str, int]) -> Engine | None:
+def select_engine(
+    engines: Iterable[Engine], loads: Mapping[str, int], exclude: Collection[str] = ()
+) -> Engine | None:
     """
     The seed's rule: least loaded first; on equal load a forwarded engine
     first; unhealthy engines never.  Among equals, configuration order.
+    Engines in C{exclude} (those that just failed a stream) are taken only
+    when no other healthy engine is left.
     """
-    candidates = [engine for engine in engines if engine.healthy]
+    healthy = [engine for engine in engines if engine.healthy]
+    candidates = [engine for engine in healthy if engine.id not in exclude] or healthy
     if not candidates:
         return None
     return min(candidates, key=lambda e: (loads.get(e.id, 0), not e.forwarded))
@@ -76,8 +81,8 @@ class EngineRegistry(Service):
                 return engine
         return None
 
-    def select(self, loads: Mapping[str, int]) -> Engine | None:
-        return select_engine(self.engines, loads)
+    def select(self, loads: Mapping[str, int], exclude: Collection[str] = ()) -> Engine | None:
+        return select_engine(self.engines, loads, exclude)
 
     def probe(self):
         """

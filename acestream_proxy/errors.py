@@ -42,10 +42,17 @@ class NoEngine(ProxyError):
 
 class Unavailable(ProxyError):
     """
-    The proxy is shutting down or at a limit.
+    The proxy is shutting down or at a limit, or its store is down.
+
+    @ivar retry_after: seconds after which trying again makes sense, sent
+        as C{Retry-After}; L{None} to send none.
     """
 
     status = 503
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class EngineError(ProxyError):

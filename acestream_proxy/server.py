@@ -6,6 +6,7 @@ inspection data the web API shows.
 
 import uuid
 from collections import Counter
+from collections.abc import Collection
 
 import attrs
 from twisted.application.service import MultiService
@@ -14,7 +15,7 @@ from twisted.logger import Logger
 
 from .clients import ClientSupervisor
 from .config import Tuning
-from .constants import ACTIVE_STATES, ClientField, Meta, StreamState
+from .constants import ACTIVE_STATES, ClientField, Meta
 from .engine_api import EngineAPI
 from .engines import Engine, EngineRegistry
 from .errors import NoEngine, NotFound, Unavailable
@@ -24,6 +25,12 @@ from .store import Store
 
 #: Seconds a shutdown waits for players' last bytes to leave.
 SHUTDOWN_DRAIN = 5.0
+
+#: Retry-After (seconds) when a limit refuses a player.
+LIMIT_RETRY_AFTER = 10
+
+#: Retry-After (seconds) while shutting down: a restart is usually quick.
+SHUTDOWN_RETRY_AFTER = 5
 
 
 @attrs.define(eq=False)
@@ -66,11 +73,22 @@ class ProxyServer(MultiService):
         fires when the player's response should end.
         """
         if not self.accepting:
-            raise Unavailable("the proxy is shutting down")
-        session = self.sessions.get(key) or await self._create(key, param)
+            raise Unavailable("the proxy is shutting down", retry_after=SHUTDOWN_RETRY_AFTER)
+        tuning = self.tuning
+        if sum(len(s.players) for s in self.sessions.values()) >= tuning.max_clients:
+            raise Unavailable("too many players on this proxy", retry_after=LIMIT_RETRY_AFTER)
+        session = self.sessions.get(key)
+        if session is None:
+            if sum((await self.engine_loads()).values()) >= tuning.max_streams:
+                raise Unavailable("too many streams", retry_after=LIMIT_RETRY_AFTER)
+            session = await self._create(key, param)
+        if len(await self.store.list_clients(key)) >= tuning.max_clients_per_stream:
+            raise Unavailable("too many players on this stream", retry_after=LIMIT_RETRY_AFTER)
         await session.wait_ready()
-        if session.key not in self.sessions or self.sessions[key] is not session:
-            raise Unavailable(f"stream {key} stopped")
+        # Nothing may wait between here and add_player: the session could
+        # stop in between.
+        if self.sessions.get(key) is not session:
+            raise Unavailable(f"stream {key} stopped", retry_after=LIMIT_RETRY_AFTER)
         address = request.getClientAddress()
         client = ClientInfo(
             id=uuid.uuid4().hex,
@@ -133,11 +151,12 @@ class ProxyServer(MultiService):
         finally:
             self._create_lock.release()
 
-    async def choose_engine(self) -> Engine:
+    async def choose_engine(self, exclude: Collection[str] = ()) -> Engine:
         """
-        The engine for a new playback session, by the selection rule.
+        The engine for a new playback session, by the selection rule,
+        avoiding the engines in C{exclude} while others are healthy.
         """
-        engine = self.registry.select(await self.engine_loads())
+        engine = self.registry.select(await self.engine_loads(), exclude)
         if engine is None:
             raise NoEngine("no healthy engine is available")
         return engine
@@ -206,7 +225,7 @@ class ProxyServer(MultiService):
         handover = False
         if (
             session.role is Role.OWNER
-            and session.state is StreamState.STARTED
+            and session.live
             and self.store.available
         ):
             try:

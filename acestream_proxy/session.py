@@ -24,12 +24,13 @@ With the embedded store there is only ever one worker, the owner.
 """
 
 from collections import deque
+import random
 from enum import StrEnum
 from typing import Awaitable, Callable
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -40,6 +41,7 @@ from .engine_api import EngineAPI, Playback
 from .engines import Engine
 from .errors import EngineError, EngineTimeout, ProxyError, Unavailable
 from .follower import BufferFollower
+from .health import Backoff, Health, Verdict, check_interval, judge_silence
 from .producer import ClientInfo, ClientProducer
 from .reader import EngineReader
 from .store import Store
@@ -52,6 +54,11 @@ FOLLOW_POLL = 0.5
 
 #: Most chunks a follower reads in one round trip.
 READ_BATCH = 50
+
+
+_LIVE_STATES = frozenset(
+    {StreamState.STARTED, StreamState.UNHEALTHY, StreamState.RECONNECTING}
+)
 
 
 class Role(StrEnum):
@@ -80,7 +87,7 @@ class StreamSession:
     clock: object
     tuning: Tuning
     worker_id: str
-    choose_engine: Callable[[], Awaitable[Engine]]
+    choose_engine: Callable[..., Awaitable[Engine]]
     find_engine: Callable[[str], Engine | None]
     on_stopping: Callable[["StreamSession", Deferred], None]
     engine: Engine | None = None
@@ -110,6 +117,11 @@ class StreamSession:
     _leasing: bool = attrs.field(default=False, init=False)
     _lease_until: float = attrs.field(default=0.0, init=False)
     _stopped: Deferred | None = attrs.field(default=None, init=False)
+    health: Health = attrs.field(default=Health.HEALTHY, init=False)
+    _health_loop: LoopingCall | None = attrs.field(default=None, init=False)
+    _reconnecting: Deferred | None = attrs.field(default=None, init=False)
+    #: Draws the jitter of reconnection delays; tests make it predictable.
+    jitter: Callable[[], float] = random.random
 
     def __attrs_post_init__(self) -> None:
         window = ChunkWindow(self.tuning.buffer_chunks, self.tuning.chunk_ttl)
@@ -119,6 +131,14 @@ class StreamSession:
     @property
     def bytes_in(self) -> int:
         return self._reader.bytes_in if self._reader is not None else 0
+
+    @property
+    def live(self) -> bool:
+        """
+        Serving players: started, and not stopping (it may be unhealthy or
+        reconnecting).
+        """
+        return self.state in _LIVE_STATES and not self.stopping
 
     @property
     def stopping(self) -> bool:
@@ -137,6 +157,7 @@ class StreamSession:
         # An owner's lease was taken just now, by the server.
         self._lease_until = self.clock.seconds() + self.tuning.owner_lease
         self._lease_loop = self._loop(self._lease_tick, self.tuning.owner_lease / 3)
+        self._health_loop = self._loop(self._check_health, check_interval(self.tuning))
         if self.role is Role.OWNER:
             self._starting = Deferred.fromCoroutine(self._start_owner(takeover))
         else:
@@ -292,6 +313,8 @@ class StreamSession:
     def _on_data(self, packets: bytes) -> None:
         now = self.clock.seconds()
         self.last_data_at = now
+        if self.health is Health.UNHEALTHY:
+            self._healthy_again()
         # Framed once, here; the store and the fan-out share these bytes.
         framed, start = frame(packets)
         self._unstored.append((framed, start, now))
@@ -436,7 +459,134 @@ class StreamSession:
             first, self._first_data = self._first_data, None
             first.errback(EngineError(f"engine {self.engine.id} ended playback before any data"))
             return
-        self.stop("engine ended playback")
+        self._reconnect("the engine ended playback")
+
+    # Health and reconnection (owner)
+
+    def _check_health(self) -> None:
+        """
+        Judge how long the engine has been silent: unhealthy after
+        C{no_data_timeout}, reconnect after C{reconnect_after} more.
+        """
+        if (
+            self.role is not Role.OWNER
+            or self.state not in (StreamState.STARTED, StreamState.UNHEALTHY)
+            or self.stopping
+            or self._reconnecting is not None
+        ):
+            return
+        silent = self.clock.seconds() - (self.last_data_at or self.started_at)
+        verdict = judge_silence(silent, self.tuning)
+        if verdict is Verdict.RECONNECT:
+            self._reconnect(f"no data for {silent:.0f}s")
+        elif verdict is Verdict.UNHEALTHY and self.health is Health.HEALTHY:
+            self.health = Health.UNHEALTHY
+            self.state = StreamState.UNHEALTHY
+            self.log.warn(
+                "stream {key} is unhealthy: no data from engine {engine} for {silent:.0f}s",
+                key=self.key,
+                engine=self.engine.id,
+                silent=silent,
+            )
+            self._write_metadata()
+
+    def _healthy_again(self) -> None:
+        self.health = Health.HEALTHY
+        self.state = StreamState.STARTED
+        self.log.info("stream {key} is healthy again", key=self.key)
+        self._write_metadata()
+
+    def _reconnect(self, why: str) -> None:
+        """
+        Replace the playback connection, keeping the players': the same
+        engine first, then the next by the selection rule, backing off
+        between attempts, up to C{max_reconnects}.
+        """
+        if self._reconnecting is not None or self.stopping or self.role is not Role.OWNER:
+            return
+        self.log.warn("stream {key}: reconnecting ({why})", key=self.key, why=why)
+        self.state = StreamState.RECONNECTING
+        self.health = Health.RECONNECTING
+        if self._reader is not None:
+            self._reader.stop()
+            self._reader = None
+        if self.playback is not None:
+            # A reconnection opens a new engine session; end the old one.
+            Deferred.fromCoroutine(self._stop_engine(self.engine, self.playback))
+            self.playback = None
+        self._reconnecting = Deferred.fromCoroutine(self._reconnect_attempts())
+
+    async def _reconnect_attempts(self) -> None:
+        backoff = Backoff(self.jitter)
+        failed: set[str] = set()
+        previous = self.engine
+        try:
+            for attempt in range(self.tuning.max_reconnects):
+                delay = backoff.delay(attempt)
+                if delay:
+                    await deferLater(self.clock, delay, lambda: None)
+                if self.role is not Role.OWNER:
+                    return
+                self.reconnects += 1
+                self._write_metadata()
+                engine = None
+                try:
+                    if attempt == 0 and previous.healthy:
+                        engine = previous
+                    else:
+                        engine = await self.choose_engine(exclude=failed)
+                    await self._open_on(engine)
+                except ProxyError as e:
+                    if engine is not None:
+                        failed.add(engine.id)
+                    self.log.warn(
+                        "stream {key}: reconnection {n} failed: {why}",
+                        key=self.key,
+                        n=attempt + 1,
+                        why=e.message,
+                    )
+                    continue
+                self._reconnecting = None
+                self.state = StreamState.STARTED
+                self.health = Health.HEALTHY
+                self._write_metadata()
+                self.log.info(
+                    "stream {key}: reconnected on {engine} ({session})",
+                    key=self.key,
+                    engine=engine.id,
+                    session=self.playback.playback_session_id,
+                )
+                return
+        except CancelledError:
+            self._reconnecting = None
+            return
+        self._reconnecting = None
+        self.state = StreamState.ERROR
+        self.health = Health.ERROR
+        self.log.error(
+            "stream {key}: giving up after {n} reconnections", key=self.key, n=self.tuning.max_reconnects
+        )
+        self._write_metadata()
+        self.stop(f"no engine could play it after {self.tuning.max_reconnects} reconnections")
+
+    async def _open_on(self, engine: Engine) -> None:
+        """
+        One reconnection attempt: a new session on C{engine}, read until its
+        first data; a failed attempt's session is stopped.
+        """
+        playback = await self.api.getstream(engine, self.key, self.param)
+        try:
+            response = await self.api.open_playback(engine, playback)
+            self.engine, self.playback = engine, playback
+            self._read(response)
+            await self._wait_first_data()
+        except BaseException:
+            if self._reader is not None:
+                self._reader.stop()
+                self._reader = None
+            self.playback = None
+            Deferred.fromCoroutine(self._stop_engine(engine, playback))
+            raise
 
     # Events from other workers, and the lease
 
@@ -577,6 +727,9 @@ class StreamSession:
         """
         self.log.warn("stream {key}: lost ownership; following", key=self.key)
         self.role = Role.FOLLOWER
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+        self.state, self.health = StreamState.STARTED, Health.HEALTHY
         if self._reader is not None:
             self._reader.stop()
             self._reader = None
@@ -714,19 +867,16 @@ class StreamSession:
 
     def _player_gone(self, nobody_left: bool = True) -> None:
         """
-        No player here (and, for an owner, none anywhere): an owner stops
-        after the grace unless one comes back; a follower stops following.
+        No player here (and, for an owner, none anywhere): after the grace,
+        unless one comes back, an owner stops the stream and a follower
+        stops following.
         """
-        if self.state is not StreamState.STARTED or self.stopping:
+        if not self.live:
             return
         if nobody_left:
             self.store.set_last_disconnect(self.key, self.clock.seconds()).addErrback(
                 self._ignore_unavailable
             )
-        if self.role is Role.FOLLOWER:
-            if not self.players:
-                self.stop("no players here")
-            return
         if self._cleanup_call is None:
             self._cleanup_call = self.clock.callLater(self.tuning.cleanup_grace, self._grace_over)
 
@@ -739,6 +889,10 @@ class StreamSession:
 
     def _grace_over(self) -> None:
         self._cleanup_call = None
+        if self.role is Role.FOLLOWER:
+            if not self.players and self.live:
+                self.stop("no players here")
+            return
         Deferred.fromCoroutine(self.check_idle())
 
     async def refresh(self) -> None:
@@ -749,7 +903,7 @@ class StreamSession:
         a Redis restart, metadata written back without it would look to the
         followers like a stream whose owner died.
         """
-        if self.role is not Role.OWNER or self.state is not StreamState.STARTED or self.stopping:
+        if self.role is not Role.OWNER or not self.live:
             return
         if not self.store.available or not await self._keep_lease():
             return
@@ -760,7 +914,7 @@ class StreamSession:
         """
         Owner: stop the stream if no worker has had a player for the grace.
         """
-        if self.role is not Role.OWNER or self.state is not StreamState.STARTED or self.stopping:
+        if self.role is not Role.OWNER or not self.live:
             return
         if self.players:
             return
@@ -800,11 +954,12 @@ class StreamSession:
         self.state = StreamState.STOPPING
         self.log.info("stream {key} stopping: {why}", key=self.key, why=why)
         self._cancel_cleanup()
-        for loop in (self._lease_loop, self._poll_loop):
+        for loop in (self._lease_loop, self._poll_loop, self._health_loop):
             if loop is not None and loop.running:
                 loop.stop()
-        if self._starting is not None:
-            self._starting.cancel()
+        for pending in (self._starting, self._reconnecting):
+            if pending is not None:
+                pending.cancel()
         if not self._ready:
             self._set_ready(Failure(EngineError(f"stream {self.key} stopped: {why}")))
         if self._reader is not None:
@@ -870,6 +1025,13 @@ class StreamSession:
             if self.role is Role.OWNER and self._starting is not None:
                 raise
 
+    def _write_metadata(self) -> None:
+        """
+        Put the metadata without waiting; a store that is down is no reason
+        to hold anything up.
+        """
+        self.store.put_stream(self.key, self.metadata()).addErrback(self._ignore_unavailable)
+
     def _publish(self, event: Event, **fields) -> None:
         self._publish_now(event, **fields).addErrback(self._ignore_unavailable)
 
@@ -894,7 +1056,7 @@ class StreamSession:
             Meta.STARTED_AT: self.started_at,
             Meta.BYTES_IN: self.bytes_in,
             Meta.RECONNECTS: self.reconnects,
-            Meta.HEALTH: "healthy",
+            Meta.HEALTH: self.health.value,
         }
         if self.engine is not None:
             fields[Meta.ENGINE_ID] = self.engine.id

@@ -142,6 +142,9 @@ class ProxyWeb:
         error = failure.value
         if error.status == 401:
             request.setHeader(b"WWW-Authenticate", b"Bearer")
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None:
+            request.setHeader(b"Retry-After", b"%d" % retry_after)
         return json_body(request, {"error": error.message}, error.status)
 
     @app.handle_errors(HTTPException)
