@@ -24,7 +24,7 @@ from . import redis_keys as keys
 from .buffer import NotOwner
 from .constants import Meta
 from .errors import Unavailable
-from .store import Fields, _plain
+from .store import Fields, Listeners, _plain
 
 # Only the lease holder may append: a stale owner (one that stood still past
 # its lease) is refused, so its chunks cannot land after the new owner's.
@@ -313,7 +313,7 @@ class RedisStore(Service):
     address: RedisAddress = attrs.field(init=False)
     _pool: object = attrs.field(default=None, init=False)
     _subscriber: _SubscriberFactory | None = attrs.field(default=None, init=False)
-    _listeners: dict = attrs.field(factory=dict, init=False)
+    _listeners: Listeners = attrs.field(factory=Listeners, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.buffer = RedisRingBuffer(self)
@@ -394,26 +394,21 @@ class RedisStore(Service):
         Call C{callback(event: dict)} for each event published on stream
         C{key}'s channel, by any worker.
         """
-        self._listeners.setdefault(key, set()).add(callback)
+        self._listeners.add(key, callback)
 
     def unlisten(self, key: str, callback) -> None:
-        callbacks = self._listeners.get(key)
-        if callbacks is not None:
-            callbacks.discard(callback)
-            if not callbacks:
-                del self._listeners[key]
+        self._listeners.discard(key, callback)
 
     def _message(self, channel: str, message) -> None:
-        callbacks = self._listeners.get(keys.key_of(channel))
-        if not callbacks:
+        key = keys.key_of(channel)
+        if not self._listeners.wanted(key):
             return
         try:
             event = json.loads(message)
         except ValueError:
             self.log.warn("ignoring a malformed event on {channel}", channel=channel)
             return
-        for callback in list(callbacks):
-            callback(event)
+        self._listeners.dispatch(key, event)
 
     def publish(self, key: str, event: str, **fields) -> Deferred:
         message = json.dumps(

@@ -121,6 +121,32 @@ class Store(Protocol):
 
 
 @attrs.define
+class Listeners:
+    """
+    The callbacks listening to each stream's events, in one worker.
+    """
+
+    _by_key: dict[str, set] = attrs.field(factory=dict)
+
+    def add(self, key: str, callback) -> None:
+        self._by_key.setdefault(key, set()).add(callback)
+
+    def discard(self, key: str, callback) -> None:
+        callbacks = self._by_key.get(key)
+        if callbacks is not None:
+            callbacks.discard(callback)
+            if not callbacks:
+                del self._by_key[key]
+
+    def wanted(self, key: str) -> bool:
+        return key in self._by_key
+
+    def dispatch(self, key: str, event: dict) -> None:
+        for callback in list(self._by_key.get(key, ())):
+            callback(dict(event))
+
+
+@attrs.define
 class MemoryStore:
     """
     L{Store} in this process's memory.  Every call fires at once, so a
@@ -136,7 +162,7 @@ class MemoryStore:
     worker_id: str = "local"
     buffer: MemoryRingBuffer = attrs.field(init=False)
     _owners: dict[str, str] = attrs.field(factory=dict, init=False)
-    _listeners: dict[str, set] = attrs.field(factory=dict, init=False)
+    _listeners: Listeners = attrs.field(factory=Listeners, init=False)
     _streams: dict[str, dict] = attrs.field(factory=dict, init=False)
     _clients: dict[str, dict[str, dict]] = attrs.field(factory=dict, init=False)
     _last_disconnect: dict[str, float] = attrs.field(factory=dict, init=False)
@@ -225,19 +251,14 @@ class MemoryStore:
 
     def publish(self, key: str, event: str, **fields) -> Deferred[None]:
         message = {"event": event, "worker_id": self.worker_id, "ts": self.clock.seconds(), **fields}
-        for callback in list(self._listeners.get(key, ())):
-            callback(dict(message))
+        self._listeners.dispatch(key, message)
         return succeed(None)
 
     def listen(self, key: str, callback) -> None:
-        self._listeners.setdefault(key, set()).add(callback)
+        self._listeners.add(key, callback)
 
     def unlisten(self, key: str, callback) -> None:
-        callbacks = self._listeners.get(key)
-        if callbacks is not None:
-            callbacks.discard(callback)
-            if not callbacks:
-                del self._listeners[key]
+        self._listeners.discard(key, callback)
 
 
 def _plain(fields: Fields) -> dict:
