@@ -9,6 +9,7 @@ from typing import Callable
 
 import attrs
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
@@ -23,7 +24,10 @@ class EngineReader(Protocol):
     @ivar on_chunk: called with each run of whole packets.
     @ivar on_end: called once with L{None} when the engine ended the body
         cleanly, or with the L{Failure} that ended it otherwise.
+    @ivar key: the stream, and C{engine} the engine, named in log events.
     """
+
+    log = Logger()
 
     on_chunk: Callable[[bytes], None]
     on_end: Callable[[Failure | None], None]
@@ -32,6 +36,8 @@ class EngineReader(Protocol):
     bytes_in: int = 0
     stopped: bool = False
     paused: bool = False
+    key: str = ""
+    engine: str = ""
 
     def makeConnection(self, transport) -> None:
         self.transport = transport
@@ -42,9 +48,31 @@ class EngineReader(Protocol):
         if self.stopped:
             return
         self.bytes_in += len(data)
+        resyncs = self.aligner.resyncs
         packets = self.aligner.feed(data)
+        if self.aligner.resyncs != resyncs:
+            self._lost_sync(resyncs)
         if packets:
             self.on_chunk(packets)
+
+    def _lost_sync(self, before: int) -> None:
+        """
+        The body lost packet alignment (stray bytes between packets) and the
+        aligner dropped bytes to regain it.  Said the first time and then
+        each time the count passes a power of two: an engine that keeps
+        doing it stays visible without a line per batch.
+        """
+        resyncs = self.aligner.resyncs
+        if resyncs.bit_length() == before.bit_length():
+            return
+        self.log.warn(
+            "stream {key}: engine {engine}'s body lost packet sync"
+            " ({resyncs} times, {discarded} bytes dropped to regain it)",
+            key=self.key,
+            engine=self.engine,
+            resyncs=resyncs,
+            discarded=self.aligner.discarded,
+        )
 
     def connectionLost(self, reason: Failure) -> None:
         if self.stopped:

@@ -241,7 +241,9 @@ class StreamSession:
 
     def _read(self, response) -> None:
         self._first_data = self._data_arrived = Deferred()
-        self._reader = EngineReader(self._on_data, self._on_end)
+        self._reader = EngineReader(
+            self._on_data, self._on_end, key=self.key, engine=self.engine.id
+        )
         response.deliverBody(self._reader)
 
     async def _wait_first_data(self, what: str | None = None) -> None:
@@ -537,6 +539,11 @@ class StreamSession:
                         engine = await self.choose_engine(exclude=failed)
                     await self._open_on(engine)
                 except ProxyError as e:
+                    if self.stopping:
+                        # stop() cancelled the attempt, which the engine API
+                        # reports as a failed call: another attempt would
+                        # bring the stream's keys back.
+                        raise CancelledError() from e
                     if engine is not None:
                         failed.add(engine.id)
                     self.log.warn(
@@ -584,6 +591,7 @@ class StreamSession:
             if self._reader is not None:
                 self._reader.stop()
                 self._reader = None
+            self._first_data = None
             self.playback = None
             Deferred.fromCoroutine(self._stop_engine(engine, playback))
             raise
