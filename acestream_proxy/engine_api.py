@@ -12,7 +12,7 @@ from urllib.parse import urlencode, urlsplit
 
 import attrs
 import treq
-from twisted.internet.defer import CancelledError, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
@@ -96,14 +96,12 @@ class EngineAPI:
     async def _call(self, engine: Engine, url: str, what: str, timeout: float | None = None) -> dict:
         """
         GET an API URL and decode its JSON, mapping every way it can go wrong
-        to L{EngineError} or L{EngineTimeout}.
+        to L{EngineError} or L{EngineTimeout}.  C{timeout} bounds the whole
+        exchange, headers and body together.
         """
-        timeout = timeout or self.timeout
         try:
-            d = self.http.get(url)
-            d.addTimeout(timeout, self.clock, _timed_out)
-            response = await d
-            body = await self._read(response).addTimeout(timeout, self.clock, _timed_out)
+            d = Deferred.fromCoroutine(self._get(url))
+            response, body = await d.addTimeout(timeout or self.timeout, self.clock, _timed_out)
         except (TimeoutError, CancelledError):
             raise EngineTimeout(f"engine {engine.id} did not answer {what} in time")
         except EngineError:
@@ -119,6 +117,10 @@ class EngineAPI:
         if not isinstance(answer, dict):
             raise EngineError(f"engine {engine.id} answered {what} with unexpected JSON")
         return answer
+
+    async def _get(self, url: str) -> tuple[IResponse, bytes]:
+        response = await self.http.get(url)
+        return response, await self._read(response)
 
     def _read(self, response: IResponse):
         """

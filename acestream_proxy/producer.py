@@ -23,6 +23,14 @@ from .follower import BufferFollower
 from .sendpath import direct_writer
 
 
+#: The C{bufferSize} of a player's transport: more than this queued pauses
+#: the player's producer.  Not 0: Twisted also reads at most C{bufferSize}
+#: bytes at a time, and a read of 0 bytes comes back empty, which it takes
+#: for the end of the connection; a player that sent anything more while it
+#: played (a pipelined request) would be cut off mid-body.
+PLAYER_BUFFER_SIZE = 1
+
+
 @attrs.frozen
 class ClientInfo:
     """
@@ -84,7 +92,7 @@ class ClientProducer:
         # player then holds at most the rest of one chunk in our memory, and
         # catches up from the shared window when its socket drains.
         if hasattr(transport, "bufferSize"):
-            transport.bufferSize = 0
+            transport.bufferSize = PLAYER_BUFFER_SIZE
         self.follower.add(self)
         request.registerProducer(self, True)
         self.position = self.follower.join_position()

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 import attrs
 import txredisapi
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, TimeoutError, fail
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.logger import Logger
 
@@ -253,6 +253,7 @@ class RedisRingBuffer:
                 store.stream_ttl_ms,
                 store.worker_id,
             ],
+            data=True,
         ).addCallback(_appended_index)
 
     def read(self, key: str, start: int, limit: int) -> Deferred[list[tuple[int, bytes]]]:
@@ -270,10 +271,13 @@ class RedisRingBuffer:
             _READ,
             [keys.buffer_index(key)],
             [start, limit, store.buffer_chunks, keys.buffer_chunk_prefix(key)],
+            data=True,
         ).addCallback(pairs)
 
     def latest(self, key: str) -> Deferred[int]:
-        return self.store._call("GET", keys.buffer_index(key)).addCallback(lambda v: int(v or 0))
+        return self.store._call("GET", keys.buffer_index(key), data=True).addCallback(
+            lambda v: int(v or 0)
+        )
 
     def delete(self, key: str) -> Deferred[None]:
         """
@@ -312,6 +316,7 @@ class RedisStore(Service):
     buffer: RedisRingBuffer = attrs.field(init=False)
     address: RedisAddress = attrs.field(init=False)
     _pool: object = attrs.field(default=None, init=False)
+    _data: object = attrs.field(default=None, init=False)
     _subscriber: _SubscriberFactory | None = attrs.field(default=None, init=False)
     _listeners: Listeners = attrs.field(factory=Listeners, init=False)
 
@@ -329,56 +334,68 @@ class RedisStore(Service):
         super().startService()
         from twisted.internet import reactor
 
+        # Chunks and the owner lease get a connection of their own: a burst
+        # of client bookkeeping (hundreds of players joining or leaving) must
+        # not delay the owner's appends, or the engine's reader would be
+        # paused.
+        self._pool = self._connect(poolsize=2)
+        self._data = self._connect(poolsize=1)
+        self._subscriber = _SubscriberFactory(self, self.address.db)
+        self._subscriber.startConnecting(self.address.endpoint(reactor))
+        self.log.info("using Redis at {where}", where=self.address.describe())
+
+    def _connect(self, poolsize: int):
         address = self.address
-        common = dict(
+        options = dict(
             dbid=address.db,
-            poolsize=2,
+            poolsize=poolsize,
             reconnect=True,
             charset=None,
             convertNumbers=False,
             replyTimeout=self.op_timeout,
         )
         if address.path is not None:
-            self._pool = txredisapi.lazyUnixConnectionPool(address.path, **common)
-        else:
-            self._pool = txredisapi.lazyConnectionPool(
-                address.host, address.port, connectTimeout=self.op_timeout, **common
-            )
-        self._subscriber = _SubscriberFactory(self, address.db)
-        self._subscriber.startConnecting(address.endpoint(reactor))
-        self.log.info("using Redis at {where}", where=address.describe())
+            return txredisapi.lazyUnixConnectionPool(address.path, **options)
+        return txredisapi.lazyConnectionPool(
+            address.host, address.port, connectTimeout=self.op_timeout, **options
+        )
 
     def stopService(self):
         super().stopService()
-        closing = [self._pool.disconnect()] if self._pool is not None else []
-        if self._subscriber is not None:
-            closing.append(self._subscriber.disconnect())
-        self._pool = self._subscriber = None
-        from twisted.internet.defer import DeferredList
-
+        closing = [
+            connection.disconnect()
+            for connection in (self._pool, self._data, self._subscriber)
+            if connection is not None
+        ]
+        self._pool = self._data = self._subscriber = None
         return DeferredList(closing, consumeErrors=True)
 
     @property
     def available(self) -> bool:
         """
-        Whether a connection to Redis is up now.
+        Whether the connections to Redis are up now.
         """
-        return self._pool is not None and self._pool._factory.size > 0
+        return all(
+            pool is not None and pool._factory.size > 0 for pool in (self._pool, self._data)
+        )
 
-    def _call(self, *command) -> Deferred:
+    def _call(self, *command, data: bool = False) -> Deferred:
         """
-        Run one command; fail with L{Unavailable} when the store is stopped,
-        or when Redis has not answered within C{op_timeout}, rather than wait
-        for as long as Redis is unreachable.
+        Run one command (on the chunk connection with C{data}); fail with
+        L{Unavailable} when the store is stopped, or when Redis has not
+        answered within C{op_timeout}, rather than wait for as long as Redis
+        is unreachable.
         """
-        if self._pool is None:
+        pool = self._data if data else self._pool
+        if pool is None:
             return fail(Unavailable("the Redis store is not running"))
-        return self._guard(self._pool.execute_command(*command))
+        return self._guard(pool.execute_command(*command))
 
-    def _script(self, script: str, names: list, args: list) -> Deferred:
-        if self._pool is None:
+    def _script(self, script: str, names: list, args: list, data: bool = False) -> Deferred:
+        pool = self._data if data else self._pool
+        if pool is None:
             return fail(Unavailable("the Redis store is not running"))
-        return self._guard(self._pool.eval(script, names, args))
+        return self._guard(pool.eval(script, names, args))
 
     def _guard(self, d: Deferred) -> Deferred:
         def unavailable(failure):
@@ -423,7 +440,7 @@ class RedisStore(Service):
         Take the stream's owner lease if nobody holds it.
         """
         d = self._call(
-            "SET", keys.owner(key), self.worker_id, "NX", "PX", int(self.owner_lease * 1000)
+            "SET", keys.owner(key), self.worker_id, "NX", "PX", int(self.owner_lease * 1000), data=True
         )
         return d.addCallback(lambda reply: reply is not None)
 
@@ -439,15 +456,19 @@ class RedisStore(Service):
             keys.clients(key),
             keys.last_client_disconnect_time(key),
         ]
-        d = self._script(_RENEW, names, [self.worker_id, int(self.owner_lease * 1000), self.stream_ttl_ms])
+        # On the chunk connection: appends wait for a renewed lease, so a
+        # renewal must not queue behind client bookkeeping.
+        d = self._script(
+            _RENEW, names, [self.worker_id, int(self.owner_lease * 1000), self.stream_ttl_ms], data=True
+        )
         return d.addCallback(lambda reply: int(reply) == 1)
 
     def release_owner(self, key: str) -> Deferred[bool]:
-        d = self._script(_RELEASE, [keys.owner(key)], [self.worker_id])
+        d = self._script(_RELEASE, [keys.owner(key)], [self.worker_id], data=True)
         return d.addCallback(lambda reply: int(reply) == 1)
 
     def get_owner(self, key: str) -> Deferred[str | None]:
-        return self._call("GET", keys.owner(key)).addCallback(
+        return self._call("GET", keys.owner(key), data=True).addCallback(
             lambda v: _text(v) if v is not None else None
         )
 
@@ -537,6 +558,9 @@ class RedisStore(Service):
         return self._script(_LIST_CLIENTS, [keys.clients(key)], [keys.client_prefix(key)]).addCallback(
             parse
         )
+
+    def count_clients(self, key: str) -> Deferred[int]:
+        return self._call("SCARD", keys.clients(key)).addCallback(int)
 
     def set_last_disconnect(self, key: str, when: float | None) -> Deferred[None]:
         name = keys.last_client_disconnect_time(key)

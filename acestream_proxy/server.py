@@ -74,21 +74,22 @@ class ProxyServer(MultiService):
         """
         if not self.accepting:
             raise Unavailable("the proxy is shutting down", retry_after=SHUTDOWN_RETRY_AFTER)
-        tuning = self.tuning
-        if sum(len(s.players) for s in self.sessions.values()) >= tuning.max_clients:
-            raise Unavailable("too many players on this proxy", retry_after=LIMIT_RETRY_AFTER)
+        self._check_max_clients()
         session = self.sessions.get(key)
         if session is None:
-            if sum((await self.engine_loads()).values()) >= tuning.max_streams:
-                raise Unavailable("too many streams", retry_after=LIMIT_RETRY_AFTER)
             session = await self._create(key, param)
-        if len(await self.store.list_clients(key)) >= tuning.max_clients_per_stream:
-            raise Unavailable("too many players on this stream", retry_after=LIMIT_RETRY_AFTER)
         await session.wait_ready()
+        registered = await self.store.count_clients(key)
         # Nothing may wait between here and add_player: the session could
-        # stop in between.
+        # stop in between, and the players that waited for the stream to
+        # start with this one could take the last places.
         if self.sessions.get(key) is not session:
             raise Unavailable(f"stream {key} stopped", retry_after=LIMIT_RETRY_AFTER)
+        self._check_max_clients()
+        # This worker's players are counted here and now; the store's count
+        # of them may lag (their registration is not awaited).
+        if max(registered, len(session.players)) >= self.tuning.max_clients_per_stream:
+            raise Unavailable("too many players on this stream", retry_after=LIMIT_RETRY_AFTER)
         address = request.getClientAddress()
         client = ClientInfo(
             id=uuid.uuid4().hex,
@@ -99,13 +100,30 @@ class ProxyServer(MultiService):
         )
         return session.add_player(client, request).done
 
+    def _check_max_clients(self) -> None:
+        if sum(len(s.players) for s in self.sessions.values()) >= self.tuning.max_clients:
+            raise Unavailable("too many players on this proxy", retry_after=LIMIT_RETRY_AFTER)
+
+    async def _check_max_streams(self, key: str) -> None:
+        """
+        Refuse a new stream past C{max_streams}.  A stream that another
+        worker plays is no new stream: joining it costs no engine session.
+        This worker's sessions count even before their metadata is stored.
+        """
+        streams = await self.store.list_streams()
+        active = {s.get(Meta.KEY) for s in streams if s.get(Meta.STATE) in ACTIVE_STATES}
+        active.update(self.sessions)
+        if key not in active and len(active) >= self.tuning.max_streams:
+            raise Unavailable("too many streams", retry_after=LIMIT_RETRY_AFTER)
+
     async def _create(self, key: str, param: str) -> StreamSession:
         """
         Start this worker's session of stream C{key}: as its owner when the
         owner lease is free (choosing an engine, or taking over the session a
         previous owner left), else as a follower of the owner's buffer.
         Creations are serialised so that simultaneous requests for one key
-        make one session, and simultaneous new streams see each other's load.
+        make one session, and simultaneous new streams see each other's load
+        and count towards C{max_streams}.
         """
         earlier = self._stopping.get(key)
         if earlier is not None:
@@ -116,6 +134,7 @@ class ProxyServer(MultiService):
             session = self.sessions.get(key)
             if session is not None:
                 return session
+            await self._check_max_streams(key)
             owner = await self.store.acquire_owner(key)
             takeover = await self.store.get_stream(key) if owner else None
             engine = None
@@ -243,8 +262,14 @@ class ProxyServer(MultiService):
         Close connections after their buffered bytes are sent, and fire when
         they are closed (or after L{SHUTDOWN_DRAIN} seconds, whichever is first):
         the reactor's own shutdown would drop unsent bytes.
+
+        A transport that paused its producer (the HTTP channel) because its
+        player's socket was full does not close once it has drained: it
+        resumes the producer and waits for it to write, which it never does.
+        Unregistered, the producer cannot hold the connection open.
         """
         for transport in transports:
+            transport.unregisterProducer()
             transport.loseConnection()
         deadline = self.clock.seconds() + SHUTDOWN_DRAIN
         done = Deferred()

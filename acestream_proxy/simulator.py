@@ -137,8 +137,10 @@ class _Playback:
     every C{batch_interval}, from the engine's shared sequence clock.
 
     It is the request's push producer: while the client's connection is
-    backed up the batches are dropped, as a live engine would rather skip
-    than buffer without end.
+    backed up the due packets wait, as they would in a real engine's socket
+    and send buffers, and go out together on resume; past
+    L{MAX_BACKLOG_SECONDS} of them the oldest are skipped, as a live engine
+    would rather skip than buffer without end.
     """
 
     engine: SimulatedEngine
@@ -171,11 +173,13 @@ class _Playback:
 
     def _tick(self) -> None:
         """Write the packets that fell due since the previous batch."""
+        if self._paused:
+            return
         end = self.engine.current_seq() + 1
         first = max(self.next_seq, end - self.engine.max_backlog_packets)
         self.next_seq = end
         faults = self.engine.faults
-        if self._paused or "playback_stall" in faults:
+        if "playback_stall" in faults:
             return
         if self.text:
             payload = _text_body((end - first + 2) * mpegts.PACKET_SIZE)

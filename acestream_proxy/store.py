@@ -70,6 +70,12 @@ class Store(Protocol):
         Fire with every client of stream C{key}, by client id.
         """
 
+    def count_clients(self, key: str) -> Deferred[int]:
+        """
+        Fire with how many clients stream C{key} has, every worker's: a
+        cheap count, for limits checked on every join.
+        """
+
     def set_last_disconnect(self, key: str, when: float | None) -> Deferred[None]:
         """
         Record when the stream's last client left (L{None}: a client is back).
@@ -216,6 +222,9 @@ class MemoryStore:
         clients = self._clients.get(key, {})
         clients.pop(client_id, None)
         return succeed(len(clients))
+
+    def count_clients(self, key: str) -> Deferred[int]:
+        return succeed(len(self._clients.get(key, {})))
 
     def list_clients(self, key: str) -> Deferred[dict[str, dict]]:
         clients = self._clients.get(key, {})

@@ -129,9 +129,14 @@ class ProxyWeb:
             return
         host = getattr(request.getClientAddress(), "host", "")
         try:
-            loopback = ipaddress.ip_address(host).is_loopback
+            address = ipaddress.ip_address(host)
         except ValueError:
             loopback = False
+        else:
+            # A dual-stack listener sees an IPv4 client as ::ffff:a.b.c.d,
+            # which ipaddress does not count as loopback even for 127.0.0.1.
+            mapped = getattr(address, "ipv4_mapped", None)
+            loopback = (mapped or address).is_loopback
         if not loopback:
             raise Forbidden("admin actions are allowed from loopback only")
 

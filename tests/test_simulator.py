@@ -39,6 +39,7 @@ from acestream_proxy.mpegts import DATA_PID, PACKET_SIZE, PAT_PID, PMT_PID
 from acestream_proxy.simulator import (
     DESYNC_JUNK,
     FAULTS,
+    MAX_BACKLOG_SECONDS,
     SimulatedEngine,
     content_tag,
     getstream_path,
@@ -279,8 +280,11 @@ class TestClockDriven:
         assert fake.engine.playback_connections == 0
         assert not playback.body.endswith(b"0\r\n\r\n")
 
-    def test_backpressure_drops_batches(self) -> None:
-        """A live engine skips what a backed-up client cannot take."""
+    def test_backpressure_holds_batches_until_resumed(self) -> None:
+        """
+        A backed-up client gets the packets that fell due while it was
+        paused, in order, once it takes data again.
+        """
         fake = FakeHTTP.make()
         _, playback = fake.play()
         fake.tick()
@@ -288,6 +292,19 @@ class TestClockDriven:
         before = len(playback.body)
         fake.tick(4)
         assert len(playback.body) == before
+        playback.transport.producer.resumeProducing()
+        fake.tick()
+        report = mpegts.verify(playback.body, content_tag=TAG)
+        assert report.ok and not report.gaps, report.describe()
+        assert seqs(playback.body)[-1] == fake.engine.current_seq()
+
+    def test_backpressure_past_the_backlog_skips(self) -> None:
+        """A live engine skips what a client backed up for too long missed."""
+        fake = FakeHTTP.make()
+        _, playback = fake.play()
+        fake.tick()
+        playback.transport.producer.pauseProducing()
+        fake.clock.advance(MAX_BACKLOG_SECONDS * 2)
         playback.transport.producer.resumeProducing()
         fake.tick()
         report = mpegts.verify(playback.body, content_tag=TAG, allowed_jumps=1)
