@@ -182,19 +182,27 @@ class StreamSession:
         except Exception as e:
             self._start_failed(e)
             return
+        await self._now_owning("started", Event.STREAM_STARTED)
+        self._set_ready(True)
+        if not self.players:
+            self._player_gone()
+
+    async def _now_owning(self, how: str, event: Event) -> None:
+        """
+        The engine's data flows to this owner: record it and tell the other
+        workers.
+        """
         self._starting = None
         self.state = StreamState.STARTED
         await self._put_metadata()
         self.log.info(
-            "stream {key} started on {engine} ({session})",
+            "stream {key} {how} on {engine} ({session})",
             key=self.key,
+            how=how,
             engine=self.engine.id,
             session=self.playback.playback_session_id,
         )
-        self._publish(Event.STREAM_STARTED, engine=self.engine.id)
-        self._set_ready(True)
-        if not self.players:
-            self._player_gone()
+        self._publish(event, engine=self.engine.id)
 
     async def _open_engine(self, takeover: dict | None) -> None:
         """
@@ -794,16 +802,7 @@ class StreamSession:
             self.log.warn("stream {key}: takeover failed: {why}", key=self.key, why=e)
             self.stop("takeover failed")
             return
-        self._starting = None
-        self.state = StreamState.STARTED
-        await self._put_metadata()
-        self.log.info(
-            "stream {key}: took over on {engine} ({session})",
-            key=self.key,
-            engine=self.engine.id,
-            session=self.playback.playback_session_id,
-        )
-        self._publish(Event.OWNER_CHANGED, engine=self.engine.id)
+        await self._now_owning("taken over", Event.OWNER_CHANGED)
 
     # Players
 
