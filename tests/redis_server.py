@@ -43,6 +43,14 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(self.directory, "redis.sock")
+
+    @property
+    def unix_url(self) -> str:
+        return f"unix://{self.socket_path}?db=0"
+
     def start(self) -> "RedisServer":
         self.process = subprocess.Popen(
             [
@@ -52,6 +60,7 @@ class RedisServer:
                 "--save", "",
                 "--appendonly", "no",
                 "--dir", self.directory,
+                "--unixsocket", self.socket_path,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -371,3 +372,47 @@ async def test_demo_serves_its_url_and_stops_on_ctrl_c(spawn):
     assert await player.ended.addTimeout(10, reactor) is True, demo.output()
     assert await demo.wait_exit(10) == 0, demo.describe_end() + "\n" + demo.output()
     assert any("demo stopped" in line for line in demo.lines), demo.output()
+
+
+@pytest_twisted.ensureDeferred
+async def test_systemd_socket_activation(spawn, tmp_path):
+    """
+    C{--listen systemd:domain=INET:index=0} serves players on the socket
+    systemd hands over (as fd 3, with LISTEN_FDS, LISTEN_FDNAMES and
+    LISTEN_PID), as C{aceproxy.socket} does.
+    """
+    _, engine_url = await start_sim_daemon(spawn)
+    listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(50)
+    port = listening.getsockname()[1]
+    command = (
+        'LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=aceproxy.socket exec "$0" -c "$1" '
+        '-n --pidfile= aceproxy '
+        '--listen systemd:domain=INET:index=0 --engine "$2"'
+    )
+    daemon = Daemon("aceproxy (socket-activated)")
+    argv = ["/bin/sh", "-c", command, sys.executable, TWISTD, engine_url]
+    reactor.spawnProcess(
+        daemon,
+        "/bin/sh",
+        argv,
+        env=child_environment(),
+        path=str(tmp_path),
+        childFDs={0: "w", 1: "r", 2: "r", 3: listening.fileno()},
+    )
+    listening.close()
+    try:
+        await daemon.wait_for_line(PROXY_LISTENING)
+        url = f"http://127.0.0.1:{port}"
+        health = await get_json(url + "/health")
+        assert health["status"] == "ok"
+        player = await Player.open(f"{url}/ace/getstream?id={KEY}")
+        await player.wait_bytes(ONE_SECOND_BYTES // 4)
+        check_stream(bytes(player.data))
+        player.disconnect()
+    finally:
+        if not daemon.ended:
+            daemon.kill()
+            await daemon.wait_exit()

@@ -463,3 +463,19 @@ async def test_stream_details_look_the_same_with_either_store(
 
 def type_names(document: dict) -> dict[str, str]:
     return {name: type(value).__name__ for name, value in document.items()}
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_over_a_unix_socket(redis_server, redis, engine, proxy_factory):
+    """
+    C{unix:///path/redis.sock?db=0} works as well as C{redis://}: the
+    stream plays, its keys are there while it runs and gone after.
+    """
+    proxy = await proxy_factory([engine.config("engine-a")], redis=redis_server.unix_url, **TUNING)
+    player = await Player.open(proxy.stream_url(KEY))
+    await player.wait_bytes(200 * PACKET_SIZE)
+    check_bytes(player)
+    assert redis("HGET", keys.metadata(KEY), "status") == b"started"
+    assert len(redis("SMEMBERS", keys.clients(KEY))) == 1
+    player.disconnect()
+    await eventually(lambda: not redis.keys(keys.stream(KEY) + "*"), what="keys gone")
