@@ -15,9 +15,7 @@ round, not once per worker.
 from typing import Callable, Iterable
 
 import attrs
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .constants import ClientField
@@ -27,8 +25,11 @@ from .store import Store
 
 
 @attrs.define(eq=False)
-class ClientSupervisor(Service):
+class ClientSupervisor:
     """
+    Its L{tick} runs every C{heartbeat_interval}, from a L{TimerService} of
+    the proxy's.
+
     @ivar sessions: returns the worker's live stream sessions.
     """
 
@@ -41,7 +42,6 @@ class ClientSupervisor(Service):
     ghost_client_timeout: float
     _progress: dict = attrs.field(factory=dict, init=False)
     _beats: dict = attrs.field(factory=dict, init=False)
-    _loop: LoopingCall | None = attrs.field(default=None, init=False)
 
     def tick(self) -> Deferred:
         """
@@ -114,16 +114,3 @@ class ClientSupervisor(Service):
             timeout=self.ghost_client_timeout,
         )
 
-    def startService(self) -> None:
-        super().startService()
-        self._loop = LoopingCall(self.tick)
-        self._loop.clock = self.clock
-        self._loop.start(self.heartbeat_interval, now=False).addErrback(
-            lambda f: self.log.failure("client heartbeats stopped", f)
-        )
-
-    def stopService(self):
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None

@@ -7,9 +7,7 @@ engine that fails its health probe is skipped.
 from collections.abc import Collection, Iterable, Mapping
 
 import attrs
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .config import EngineConfig
@@ -61,19 +59,17 @@ def select_engine(
 
 
 @attrs.define(eq=False)
-class EngineRegistry(Service):
+class EngineRegistry:
     """
-    The configured engines, probed every C{probe_interval} seconds with the
-    engine API's C{get_version}.
+    The configured engines, probed with the engine API's C{get_version}:
+    L{probe} runs every C{probe_interval} seconds, from a L{TimerService} of
+    the proxy's (see L{acestream_proxy.server.ProxyServer}).
     """
 
     log = Logger()
 
     engines: list[Engine]
     api: object
-    clock: object
-    probe_interval: float
-    _loop: LoopingCall | None = attrs.field(default=None, init=False)
 
     def by_id(self, engine_id: str) -> Engine | None:
         for engine in self.engines:
@@ -106,17 +102,3 @@ class EngineRegistry(Service):
             if not engine.healthy:
                 self.log.info("engine {engine} is healthy again", engine=engine.id)
             engine.healthy = True
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop = LoopingCall(self.probe)
-        self._loop.clock = self.clock
-        self._loop.start(self.probe_interval, now=True).addErrback(
-            lambda f: self.log.failure("engine probes stopped", f)
-        )
-
-    def stopService(self):
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None

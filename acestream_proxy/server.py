@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Collection
 
 import attrs
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock
 from twisted.logger import Logger
@@ -50,19 +51,29 @@ class ProxyServer(MultiService):
     worker_id: str = attrs.field(factory=lambda: uuid.uuid4().hex[:12])
     sessions: dict = attrs.field(factory=dict, init=False)
     accepting: bool = attrs.field(default=True, init=False)
+    supervisor: ClientSupervisor = attrs.field(init=False)
     _stopping: dict = attrs.field(factory=dict, init=False)
     _create_lock: DeferredLock = attrs.field(factory=DeferredLock, init=False)
 
     def __attrs_post_init__(self) -> None:
         MultiService.__init__(self)
-        self.registry.setServiceParent(self)
-        ClientSupervisor(
+        self.supervisor = supervisor = ClientSupervisor(
             self.store,
             self.clock,
             lambda: self.sessions.values(),
             self.tuning.heartbeat_interval,
             self.tuning.ghost_client_timeout,
-        ).setServiceParent(self)
+        )
+        self._every(self.tuning.probe_interval, self.registry.probe)
+        self._every(self.tuning.heartbeat_interval, supervisor.tick)
+
+    def _every(self, interval: float, call) -> None:
+        """
+        Run C{call} every C{interval} seconds while the proxy runs.
+        """
+        timer = TimerService(interval, call)
+        timer.clock = self.clock
+        timer.setServiceParent(self)
 
     # Players
 

@@ -95,12 +95,7 @@ def make_service(config: Config, reactor=None, listen: bool = True) -> MultiServ
     _ConnectionPool(pool).setServiceParent(top)
     http = HTTPClient(Agent(reactor, connectTimeout=tuning.engine_connect_timeout, pool=pool))
     api = EngineAPI(http, reactor, tuning.engine_timeout, tuning.first_byte_timeout)
-    registry = EngineRegistry(
-        [Engine.from_config(engine) for engine in config.engines],
-        api,
-        reactor,
-        tuning.probe_interval,
-    )
+    registry = EngineRegistry([Engine.from_config(engine) for engine in config.engines], api)
     server = ProxyServer(store, registry, api, reactor, tuning, worker_id)
 
     site = Site(ProxyWeb(server, config.admin_token).resource())

@@ -93,6 +93,6 @@ def make_server(clock, api=None, engines=None, **tuning) -> ProxyServer:
     api = api or FakeEngineAPI()
     tuning = Tuning(**tuning)
     engines = engines or [Engine("engine-a", "http://127.0.0.1:6878", "127.0.0.1", 6878)]
-    registry = EngineRegistry(engines, api, clock, tuning.probe_interval)
+    registry = EngineRegistry(engines, api)
     store = MemoryStore(clock, tuning.buffer_chunks, tuning.chunk_ttl, "worker-1")
     return ProxyServer(store, registry, api, clock, tuning, "worker-1")

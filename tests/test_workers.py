@@ -22,7 +22,6 @@ from twisted.internet import reactor
 from twisted.internet.task import LoopingCall, deferLater
 
 from acestream_proxy import redis_keys
-from acestream_proxy.clients import ClientSupervisor
 from acestream_proxy.mpegts import PACKET_SIZE, verify
 from acestream_proxy.session import Role
 from acestream_proxy.simulator import content_tag
@@ -205,7 +204,7 @@ async def heartbeat_round(client, proxy) -> dict:
     """
     The Redis commands of one round of the worker's client heartbeats.
     """
-    (supervisor,) = [s for s in proxy.server if isinstance(s, ClientSupervisor)]
+    supervisor = proxy.server.supervisor
     before = command_counts(client)
     await supervisor.tick()
     after = command_counts(client)
