@@ -15,10 +15,27 @@ from twisted.web.client import ResponseDone
 from twisted.web.server import Site
 
 from acestream_proxy.config import Config, EngineConfig, Tuning
+from acestream_proxy.mpegts import PACKET_SIZE, verify
 from acestream_proxy.service import make_service
-from acestream_proxy.simulator import SimulatedEngine
+from acestream_proxy.simulator import SimulatedEngine, content_tag
 
 HASHES = [("%02x" % n) * 20 for n in range(1, 10)]
+
+
+def check_whole_packets(data: bytes | bytearray, key: str, allowed_jumps: int = 0):
+    """
+    C{data} is whole TS packets of C{key}'s broadcast, in order, with at
+    most C{allowed_jumps} gaps.  A body still arriving may end inside a
+    packet: only the whole packets are judged.
+    """
+    data = bytes(data)
+    report = verify(
+        data[: len(data) - len(data) % PACKET_SIZE],
+        allowed_jumps=allowed_jumps,
+        content_tag=content_tag(key),
+    )
+    assert report.ok, report.describe()
+    return report
 
 
 async def eventually(predicate: Callable[[], object], timeout: float = 10.0, what: str = ""):

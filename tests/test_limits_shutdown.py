@@ -38,15 +38,15 @@ from twisted.web.server import NOT_DONE_YET
 from acestream_proxy import redis_keys
 from acestream_proxy.config import Config, Tuning
 from acestream_proxy.errors import Forbidden, Unauthorized
-from acestream_proxy.mpegts import PACKET_SIZE, verify
+from acestream_proxy.mpegts import PACKET_SIZE
 from acestream_proxy.server import LIMIT_RETRY_AFTER, SHUTDOWN_DRAIN, SHUTDOWN_RETRY_AFTER
 from acestream_proxy.service import make_service
-from acestream_proxy.simulator import SimulatedEngine, content_tag
+from acestream_proxy.simulator import SimulatedEngine
 from acestream_proxy.web import ProxyWeb
 
 from .rawplayer import open_raw_player
 from .redis_server import free_port
-from .support import HASHES, Player, eventually, start_proxy
+from .support import HASHES, Player, check_whole_packets, eventually, start_proxy
 from .test_end_to_end import PROXY_LISTENING, spawn, twistd  # noqa: F401 (spawn: fixture)
 
 KEY, OTHER, THIRD = HASHES[3], HASHES[4], HASHES[5]
@@ -76,18 +76,7 @@ STUCK = 200
 
 
 def check(data: bytes | bytearray, key: str = KEY, allowed_jumps: int = 0):
-    """
-    C{data} is whole packets of C{key}'s broadcast, in order, with at most
-    C{allowed_jumps} gaps; a body still arriving may end inside a packet.
-    """
-    data = bytes(data)
-    report = verify(
-        data[: len(data) // PACKET_SIZE * PACKET_SIZE],
-        allowed_jumps=allowed_jumps,
-        content_tag=content_tag(key),
-    )
-    assert report.ok, report.describe()
-    return report
+    return check_whole_packets(data, key, allowed_jumps)
 
 
 async def refused(url: str, retry_after: int = LIMIT_RETRY_AFTER) -> str:
@@ -440,10 +429,6 @@ async def test_stuck_players_hold_at_most_one_chunk_each(engine, proxy_factory):
     await eventually(lambda: not raw_producers(session), what="the stuck players gone")
 
 
-class StreamGap(AssertionError):
-    """A player's bytes had a gap, so that an expected failure names it alone."""
-
-
 @pytest_twisted.ensureDeferred
 async def test_stuck_players_are_dropped_after_write_timeout(engine, proxy_factory, store_url):
     """
@@ -499,10 +484,7 @@ async def test_stuck_players_are_dropped_after_write_timeout(engine, proxy_facto
 
     await healthy.more(300 * PACKET_SIZE)
     assert kept.skips == 0
-    data = bytes(healthy.data)
-    report = verify(data[: len(data) // PACKET_SIZE * PACKET_SIZE], content_tag=content_tag(KEY))
-    if not report.ok:
-        raise StreamGap(report.describe())
+    check(healthy.data)
 
     # Last, as it stops the reactor (and the in-process engine with it) for
     # as long as the heap takes to walk.

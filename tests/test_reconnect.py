@@ -37,10 +37,10 @@ from acestream_proxy.health import (
     judge_silence,
 )
 from acestream_proxy.mpegts import PACKET_SIZE, verify
-from acestream_proxy.simulator import DESYNC_JUNK, content_tag
+from acestream_proxy.simulator import DESYNC_JUNK
 
 from .fakes import FakeEngineAPI, FakeRequest, make_server, packets
-from .support import HASHES, Player, eventually, start_engine
+from .support import HASHES, Player, check_whole_packets, eventually, start_engine
 
 KEY = "ab" * 20
 
@@ -416,19 +416,7 @@ async def stream_info(proxy, key: str = HASHES[0]) -> dict | None:
 
 
 def check_bytes(player: Player, allowed_jumps: int, key: str = HASHES[0]):
-    """
-    The player's bytes are whole packets of C{key}'s broadcast in order,
-    with at most C{allowed_jumps} jumps; the last packet may still be on
-    its way.
-    """
-    data = bytes(player.data)
-    report = verify(
-        data[: len(data) - len(data) % PACKET_SIZE],
-        allowed_jumps=allowed_jumps,
-        content_tag=content_tag(key),
-    )
-    assert report.ok, report.describe()
-    return report
+    return check_whole_packets(player.data, key, allowed_jumps)
 
 
 async def nothing_left(proxy, *engines) -> None:

@@ -17,11 +17,10 @@ from twisted.internet import reactor
 
 from acestream_proxy import redis_keys as keys
 from acestream_proxy.constants import ClientField
-from acestream_proxy.mpegts import PACKET_SIZE, verify
+from acestream_proxy.mpegts import PACKET_SIZE
 from acestream_proxy.session import Role
-from acestream_proxy.simulator import content_tag
 
-from .support import HASHES, Player, eventually, start_engine
+from .support import HASHES, Player, check_whole_packets, eventually, start_engine
 
 KEY = HASHES[0]
 
@@ -40,14 +39,7 @@ CLIENT_FIELDS = {
 
 
 def check_bytes(player: Player, key: str = KEY) -> None:
-    """
-    The player got whole TS packets of C{key}'s broadcast, in order; the
-    last packet may still be on its way.
-    """
-    data = bytes(player.data)
-    whole = data[: len(data) - len(data) % PACKET_SIZE]
-    report = verify(whole, content_tag=content_tag(key))
-    assert report.ok, report.describe()
+    check_whole_packets(player.data, key)
 
 
 def client_ids(*proxies, key: str = KEY) -> set[str]:

@@ -26,7 +26,7 @@ from acestream_proxy.mpegts import PACKET_SIZE, verify
 from acestream_proxy.session import Role
 from acestream_proxy.simulator import content_tag
 
-from .support import HASHES, Player, eventually, start_proxy
+from .support import HASHES, Player, check_whole_packets, eventually, start_proxy
 from .test_end_to_end import PROXY_LISTENING, get_json, spawn, twistd  # noqa: F401 (spawn: fixture)
 
 KEY = HASHES[0]
@@ -67,19 +67,7 @@ def workers(engine, redis_server):
 
 
 def check(player: Player, allowed_jumps: int = 0):
-    """
-    The player's bytes are whole packets of this broadcast, in order, with
-    at most C{allowed_jumps} gaps.  A read may end inside a packet: only the
-    whole ones are judged.
-    """
-    data = bytes(player.data)
-    report = verify(
-        data[: len(data) // PACKET_SIZE * PACKET_SIZE],
-        allowed_jumps=allowed_jumps,
-        content_tag=content_tag(KEY),
-    )
-    assert report.ok, report.describe()
-    return report
+    return check_whole_packets(player.data, KEY, allowed_jumps)
 
 
 def buffer_index(client) -> int:
