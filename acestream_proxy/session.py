@@ -172,17 +172,30 @@ class StreamSession:
         return loop
 
     async def _start_owner(self, takeover: dict | None) -> None:
+        if await self._opened(self._open_engine(takeover)):
+            await self._now_owning("started", Event.STREAM_STARTED)
+            self._open_to_players()
+
+    async def _opened(self, opening) -> bool:
+        """
+        Await a start's opening step, until the stream's first data: true
+        when it got there; on failure the start is abandoned and the
+        stream stopped (a cancel means stop() is already doing that).
+        """
         try:
-            await self._open_engine(takeover)
-            await self._wait_first_data()
+            await opening
+            await self._wait_first_data(
+                None if self.role is Role.OWNER else f"stream {self.key}"
+            )
         except CancelledError:
-            # stop() cancelled the start and does the cleanup itself.
             self._starting = None
-            return
+            return False
         except Exception as e:
             self._start_failed(e)
-            return
-        await self._now_owning("started", Event.STREAM_STARTED)
+            return False
+        return True
+
+    def _open_to_players(self) -> None:
         self._set_ready(True)
         if not self.players:
             self._player_gone()
@@ -261,26 +274,19 @@ class StreamSession:
             raise EngineTimeout(f"{what or 'engine ' + self.engine.id} sent no data in time")
 
     async def _start_follower(self) -> None:
-        try:
-            latest = await self.store.buffer.latest(self.key)
-            if latest:
-                self._next_index = max(1, latest - self.tuning.join_chunks + 1)
-            self._first_data = self._data_arrived = Deferred()
-            self._poll_loop = self._loop(self._fetch, FOLLOW_POLL)
-            await self._fetch()
-            await self._wait_first_data(f"stream {self.key}")
-        except CancelledError:
+        if await self._opened(self._follow()):
             self._starting = None
-            return
-        except Exception as e:
-            self._start_failed(e)
-            return
-        self._starting = None
-        self.state = StreamState.STARTED
-        self.log.info("stream {key}: following its owner's buffer", key=self.key)
-        self._set_ready(True)
-        if not self.players:
-            self._player_gone()
+            self.state = StreamState.STARTED
+            self.log.info("stream {key}: following its owner's buffer", key=self.key)
+            self._open_to_players()
+
+    async def _follow(self) -> None:
+        latest = await self.store.buffer.latest(self.key)
+        if latest:
+            self._next_index = max(1, latest - self.tuning.join_chunks + 1)
+        self._first_data = self._data_arrived = Deferred()
+        self._poll_loop = self._loop(self._fetch, FOLLOW_POLL)
+        await self._fetch()
 
     def _start_failed(self, e: Exception) -> None:
         self._starting = None
