@@ -25,7 +25,7 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed
-	$(BIN)/python -m acestream_proxy.demo
+	$(BIN)/python -m acestream_proxy.testing.demo
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/fanout.py

@@ -6,20 +6,20 @@ engine probes and client heartbeats), each undone by its own C{stopService}.
 
 import uuid
 
+from treq.client import HTTPClient
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import succeed
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
-from treq.client import HTTPClient
 
 from .config import Config, Options
-from .engine_api import EngineAPI
-from .engines import Engine, EngineRegistry
-from .redis_store import RedisStore
-from .server import ProxyServer
-from .store import MemoryStore
-from .web import ProxyWeb
+from .engine.api import EngineAPI
+from .engine.registry import Engine, EngineRegistry
+from .http.routes import ProxyWeb
+from .store.memory import MemoryStore
+from .store.redis import RedisStore
+from .stream.registry import ProxyServer
 
 __all__ = ["Options", "makeService", "make_service"]
 

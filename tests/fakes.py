@@ -10,11 +10,11 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
 from acestream_proxy.config import Tuning
-from acestream_proxy.engine_api import Playback
-from acestream_proxy.engines import Engine, EngineRegistry
-from acestream_proxy.mpegts import data_packets
-from acestream_proxy.server import ProxyServer
-from acestream_proxy.store import MemoryStore
+from acestream_proxy.engine.api import Playback
+from acestream_proxy.engine.registry import Engine, EngineRegistry
+from acestream_proxy.store.memory import MemoryStore
+from acestream_proxy.stream.registry import ProxyServer
+from acestream_proxy.testing.synthetic import data_packets
 
 
 @attrs.define(eq=False)

@@ -15,9 +15,10 @@ from twisted.web.client import ResponseDone
 from twisted.web.server import Site
 
 from acestream_proxy.config import Config, EngineConfig, Tuning
-from acestream_proxy.mpegts import PACKET_SIZE, verify
 from acestream_proxy.service import make_service
-from acestream_proxy.simulator import SimulatedEngine, content_tag
+from acestream_proxy.stream.mpegts import PACKET_SIZE
+from acestream_proxy.testing.engine import SimulatedEngine, content_tag
+from acestream_proxy.testing.synthetic import verify
 
 HASHES = [("%02x" % n) * 20 for n in range(1, 10)]
 

@@ -6,8 +6,8 @@ boundary at the live edge.
 
 import pytest_twisted
 
-from acestream_proxy.mpegts import verify
-from acestream_proxy.simulator import content_tag
+from acestream_proxy.testing.engine import content_tag
+from acestream_proxy.testing.synthetic import verify
 
 from .rawplayer import open_raw_player
 from .support import HASHES, Player, eventually, start_engine, start_proxy

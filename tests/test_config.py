@@ -10,7 +10,8 @@ import re
 
 import attrs
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.python import usage
 
 from acestream_proxy.config import (

@@ -1,6 +1,6 @@
 """
 The daemons as an operator runs them: C{twistd -n acesim} and C{twistd -n
-aceproxy} (and C{python -m acestream_proxy.demo}) as separate processes,
+aceproxy} (and C{python -m acestream_proxy.testing.demo}) as separate processes,
 spawned on the test's own reactor so that it keeps serving the players while
 the daemons run.  Every wait is for an event (a log line, bytes, an exit)
 with a deadline, never a fixed sleep.
@@ -24,8 +24,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 
-from acestream_proxy.mpegts import PACKET_SIZE, verify
-from acestream_proxy.simulator import content_tag
+from acestream_proxy.stream.mpegts import PACKET_SIZE
+from acestream_proxy.testing.engine import content_tag
+from acestream_proxy.testing.synthetic import verify
 
 from .support import HASHES, Player
 
@@ -355,7 +356,7 @@ async def test_demo_serves_its_url_and_stops_on_ctrl_c(spawn):
     demo = spawn(
         "demo",
         "-m",
-        "acestream_proxy.demo",
+        "acestream_proxy.testing.demo",
         "--listen",
         "tcp:0:interface=127.0.0.1",
         "--engine-port",

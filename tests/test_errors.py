@@ -24,7 +24,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from acestream_proxy.simulator import FOREIGN_HOST, SimulatedEngine
+from acestream_proxy.testing.engine import FOREIGN_HOST, SimulatedEngine
 
 from .support import HASHES, Player, eventually, start_engine, start_proxy
 

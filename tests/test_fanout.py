@@ -4,10 +4,11 @@ each player's producer honouring pause and resume, skipping to live when it
 has fallen out of the window.
 """
 
-from acestream_proxy.buffer import Chunk, ChunkWindow
-from acestream_proxy.follower import BufferFollower
-from acestream_proxy.mpegts import PACKET_SIZE, verify
-from acestream_proxy.producer import ClientInfo, ClientProducer
+from acestream_proxy.stream.fanout import BufferFollower
+from acestream_proxy.stream.mpegts import PACKET_SIZE
+from acestream_proxy.stream.player import ClientInfo, ClientProducer
+from acestream_proxy.stream.window import Chunk, ChunkWindow
+from acestream_proxy.testing.synthetic import verify
 
 from .fakes import FakeRequest, packets
 

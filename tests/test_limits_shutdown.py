@@ -35,14 +35,14 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.web.server import NOT_DONE_YET
 
-from acestream_proxy import redis_keys
 from acestream_proxy.config import Config, Tuning
 from acestream_proxy.errors import Forbidden, Unauthorized
-from acestream_proxy.mpegts import PACKET_SIZE
-from acestream_proxy.server import LIMIT_RETRY_AFTER, SHUTDOWN_DRAIN, SHUTDOWN_RETRY_AFTER
+from acestream_proxy.http.routes import ProxyWeb
 from acestream_proxy.service import make_service
-from acestream_proxy.simulator import SimulatedEngine
-from acestream_proxy.web import ProxyWeb
+from acestream_proxy.store import keys as redis_keys
+from acestream_proxy.stream.mpegts import PACKET_SIZE
+from acestream_proxy.stream.registry import LIMIT_RETRY_AFTER, SHUTDOWN_DRAIN, SHUTDOWN_RETRY_AFTER
+from acestream_proxy.testing.engine import SimulatedEngine
 
 from .rawplayer import open_raw_player
 from .redis_server import free_port

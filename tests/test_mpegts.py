@@ -1,4 +1,4 @@
-"""Tests for L{acestream_proxy.mpegts}."""
+"""Tests for L{acestream_proxy.stream.mpegts} and L{acestream_proxy.testing.synthetic}."""
 
 from __future__ import annotations
 
@@ -7,17 +7,19 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from acestream_proxy import mpegts
-from acestream_proxy.mpegts import (
-    DATA_PID,
+from acestream_proxy.stream.mpegts import (
     PACKET_SIZE,
     PAT_PID,
-    PMT_PID,
     SYNC_BYTE,
     PacketAligner,
+    mpeg2_crc32,
+)
+from acestream_proxy.testing import synthetic
+from acestream_proxy.testing.synthetic import (
+    DATA_PID,
+    PMT_PID,
     data_packet,
     data_packets,
-    mpeg2_crc32,
     parse_data_packet,
     pat_packet,
     pmt_packet,
@@ -276,5 +278,5 @@ class TestVerify:
         assert not verify(b"").ok
 
     def test_constants(self) -> None:
-        assert (mpegts.PACKET_SIZE, mpegts.SYNC_BYTE) == (188, 0x47)
-        assert (mpegts.PAT_PID, mpegts.PMT_PID, mpegts.DATA_PID) == (0, 0x1000, 0x100)
+        assert (synthetic.PACKET_SIZE, synthetic.SYNC_BYTE) == (188, 0x47)
+        assert (synthetic.PAT_PID, synthetic.PMT_PID, synthetic.DATA_PID) == (0, 0x1000, 0x100)

@@ -25,10 +25,10 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, ResponseDone
 
 from acestream_proxy.config import Tuning
-from acestream_proxy.engine_api import EngineAPI
-from acestream_proxy.engines import Engine
+from acestream_proxy.engine.api import EngineAPI
+from acestream_proxy.engine.registry import Engine
 from acestream_proxy.errors import EngineError, ProxyError
-from acestream_proxy.health import (
+from acestream_proxy.stream.health import (
     BACKOFF_BASE,
     BACKOFF_CAP,
     Backoff,
@@ -36,8 +36,9 @@ from acestream_proxy.health import (
     check_interval,
     judge_silence,
 )
-from acestream_proxy.mpegts import PACKET_SIZE, verify
-from acestream_proxy.simulator import DESYNC_JUNK
+from acestream_proxy.stream.mpegts import PACKET_SIZE
+from acestream_proxy.testing.engine import DESYNC_JUNK
+from acestream_proxy.testing.synthetic import verify
 
 from .fakes import FakeEngineAPI, FakeRequest, make_server, packets
 from .support import HASHES, Player, check_whole_packets, eventually, start_engine

@@ -15,10 +15,10 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 
-from acestream_proxy import redis_keys as keys
 from acestream_proxy.constants import ClientField
-from acestream_proxy.mpegts import PACKET_SIZE
-from acestream_proxy.session import Role
+from acestream_proxy.store import keys as keys
+from acestream_proxy.stream.mpegts import PACKET_SIZE
+from acestream_proxy.stream.stream import Role
 
 from .support import HASHES, Player, check_whole_packets, eventually, start_engine
 

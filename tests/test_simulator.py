@@ -1,5 +1,5 @@
 """
-Tests for L{acestream_proxy.simulator} and the C{acesim} twistd plugin.
+Tests for L{acestream_proxy.testing.engine} and the C{acesim} twistd plugin.
 
 Timer behaviour is tested with a L{Clock} and an in-memory HTTP connection;
 the HTTP API, streaming and fault switches on real sockets of 127.0.0.1.
@@ -18,7 +18,6 @@ import av
 import pytest
 import pytest_twisted
 import treq
-import twisted.plugins
 from twisted.application.service import IService, IServiceMaker
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
@@ -34,9 +33,10 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.server import Site
 
-from acestream_proxy import mpegts
-from acestream_proxy.mpegts import DATA_PID, PACKET_SIZE, PAT_PID, PMT_PID
-from acestream_proxy.simulator import (
+import twisted.plugins
+from acestream_proxy.stream.mpegts import PACKET_SIZE, PAT_PID, PacketAligner
+from acestream_proxy.testing import synthetic
+from acestream_proxy.testing.engine import (
     DESYNC_JUNK,
     FAULTS,
     MAX_BACKLOG_SECONDS,
@@ -44,6 +44,7 @@ from acestream_proxy.simulator import (
     content_tag,
     getstream_path,
 )
+from acestream_proxy.testing.synthetic import DATA_PID, PMT_PID
 
 REPO = Path(__file__).resolve().parents[1]
 HASH = "0123456789abcdef0123456789abcdef01234567"
@@ -72,7 +73,7 @@ def packets(data: bytes) -> list[bytes]:
 
 
 def seqs(data: bytes) -> list[int]:
-    parsed = (mpegts.parse_data_packet(p) for p in packets(data))
+    parsed = (synthetic.parse_data_packet(p) for p in packets(data))
     return [p[0] for p in parsed if p is not None]
 
 
@@ -192,11 +193,11 @@ class TestClockDriven:
             assert all(pid(p) == DATA_PID for p in ps[2:])
             batch_seqs = seqs(data)
             assert batch_seqs == list(range(previous + 1, previous + 1 + PER_BATCH))
-            assert {mpegts.parse_data_packet(p)[2] for p in ps[2:]} == {
+            assert {synthetic.parse_data_packet(p)[2] for p in ps[2:]} == {
                 fake.clock.seconds()
             }, "sent_at is the engine time of the batch"
             previous = batch_seqs[-1]
-        report = mpegts.verify(playback.body, content_tag=TAG)
+        report = synthetic.verify(playback.body, content_tag=TAG)
         assert report.ok, report.describe()
         assert report.data_packets == 1 + 8 * PER_BATCH
         assert fake.engine.sessions[playback_session(fake)].bytes_sent == len(
@@ -219,9 +220,9 @@ class TestClockDriven:
             assert seqs(first.take())[-1] == now
             assert seqs(second.take())[-1] == now
             assert seqs(other.take())[-1] == now
-        assert mpegts.verify(first.body, content_tag=TAG).ok
-        assert mpegts.verify(second.body, content_tag=TAG).ok
-        assert mpegts.verify(other.body, content_tag=content_tag(OTHER_HASH)).ok
+        assert synthetic.verify(first.body, content_tag=TAG).ok
+        assert synthetic.verify(second.body, content_tag=TAG).ok
+        assert synthetic.verify(other.body, content_tag=content_tag(OTHER_HASH)).ok
         overlap = set(seqs(first.body)) & set(seqs(second.body))
         assert len(overlap) > 4 * PER_BATCH
 
@@ -294,7 +295,7 @@ class TestClockDriven:
         assert len(playback.body) == before
         playback.transport.producer.resumeProducing()
         fake.tick()
-        report = mpegts.verify(playback.body, content_tag=TAG)
+        report = synthetic.verify(playback.body, content_tag=TAG)
         assert report.ok and not report.gaps, report.describe()
         assert seqs(playback.body)[-1] == fake.engine.current_seq()
 
@@ -307,7 +308,7 @@ class TestClockDriven:
         fake.clock.advance(MAX_BACKLOG_SECONDS * 2)
         playback.transport.producer.resumeProducing()
         fake.tick()
-        report = mpegts.verify(playback.body, content_tag=TAG, allowed_jumps=1)
+        report = synthetic.verify(playback.body, content_tag=TAG, allowed_jumps=1)
         assert report.ok and len(report.gaps) == 1, report.describe()
         assert seqs(playback.body)[-1] == fake.engine.current_seq()
 
@@ -342,7 +343,7 @@ class TestClockDrivenFaults:
         fake.tick()
         assert len(playback.body) > stalled_at
         assert seqs(playback.body)[-1] == fake.engine.current_seq()
-        report = mpegts.verify(playback.body, content_tag=TAG, allowed_jumps=1)
+        report = synthetic.verify(playback.body, content_tag=TAG, allowed_jumps=1)
         assert report.ok and len(report.gaps) == 1, report.describe()
 
     def test_new_playback_while_stalled_gets_nothing(self) -> None:
@@ -357,11 +358,11 @@ class TestClockDrivenFaults:
         _, playback = fake.play()
         fake.tick(5)
         assert playback.body.startswith(DESYNC_JUNK)
-        assert not mpegts.verify(playback.body).aligned
-        aligner = mpegts.PacketAligner()
+        assert not synthetic.verify(playback.body).aligned
+        aligner = PacketAligner()
         realigned = aligner.feed(playback.body)
         assert aligner.resyncs == 6 and aligner.discarded == 6 * len(DESYNC_JUNK)
-        report = mpegts.verify(realigned, content_tag=TAG)
+        report = synthetic.verify(realigned, content_tag=TAG)
         assert report.ok, report.describe()
 
     def test_playback_not_ts(self) -> None:
@@ -370,9 +371,9 @@ class TestClockDrivenFaults:
         fake.tick(3)
         assert playback.header(b"content-type") == b"text/plain"
         assert len(playback.body) > 3 * PER_BATCH * PACKET_SIZE
-        assert bytes([mpegts.SYNC_BYTE]) not in playback.body
+        assert bytes([synthetic.SYNC_BYTE]) not in playback.body
         assert playback.body.decode("ascii").startswith("this is not")
-        assert mpegts.verify(playback.body).data_packets == 0
+        assert synthetic.verify(playback.body).data_packets == 0
 
     def test_one_timer_per_playback_connection(self) -> None:
         fake = FakeHTTP.make()
@@ -563,7 +564,7 @@ class TestLiveAPI:
         reader.close()
         await reader.finished
         data = bytes(reader.data[: len(reader.data) // PACKET_SIZE * PACKET_SIZE])
-        report = mpegts.verify(data, content_tag=TAG)
+        report = synthetic.verify(data, content_tag=TAG)
         assert report.ok, report.describe()
         assert report.last_seq - report.first_seq >= 0.25 * bytes_per_second / PACKET_SIZE
         session = live.engine.sessions[response["playback_session_id"]]

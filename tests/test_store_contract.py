@@ -19,11 +19,11 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 
-from acestream_proxy import redis_keys as keys
-from acestream_proxy.buffer import NotOwner
 from acestream_proxy.errors import Unavailable
-from acestream_proxy.redis_store import RedisStore
-from acestream_proxy.store import MemoryStore
+from acestream_proxy.store import keys as keys
+from acestream_proxy.store.base import NotOwner
+from acestream_proxy.store.memory import MemoryStore
+from acestream_proxy.store.redis import RedisStore
 
 from .support import eventually
 

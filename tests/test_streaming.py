@@ -9,8 +9,9 @@ from collections import Counter
 import pytest_twisted
 import treq
 
-from acestream_proxy.mpegts import PACKET_SIZE, verify
-from acestream_proxy.simulator import content_tag
+from acestream_proxy.stream.mpegts import PACKET_SIZE
+from acestream_proxy.testing.engine import content_tag
+from acestream_proxy.testing.synthetic import verify
 
 from .support import HASHES, Player, eventually, start_engine
 
@@ -89,7 +90,7 @@ async def test_three_clients_share_one_engine_session(engine, proxy_factory):
 @pytest_twisted.ensureDeferred
 async def test_simultaneous_players_make_one_engine_session(engine, proxy_factory):
     proxy = await proxy_factory([engine.config("engine-a")])
-    from twisted.internet.defer import gatherResults, Deferred
+    from twisted.internet.defer import Deferred, gatherResults
 
     players = await gatherResults(
         [Deferred.fromCoroutine(Player.open(proxy.stream_url(KEY))) for _ in range(6)]

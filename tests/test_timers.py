@@ -7,7 +7,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from acestream_proxy.errors import EngineTimeout
-from acestream_proxy.mpegts import verify
+from acestream_proxy.testing.synthetic import verify
 
 from .fakes import FakeEngineAPI, FakeRequest, make_server, packets
 

@@ -21,10 +21,11 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.task import LoopingCall, deferLater
 
-from acestream_proxy import redis_keys
-from acestream_proxy.mpegts import PACKET_SIZE, verify
-from acestream_proxy.session import Role
-from acestream_proxy.simulator import content_tag
+from acestream_proxy.store import keys as redis_keys
+from acestream_proxy.stream.mpegts import PACKET_SIZE
+from acestream_proxy.stream.stream import Role
+from acestream_proxy.testing.engine import content_tag
+from acestream_proxy.testing.synthetic import verify
 
 from .support import HASHES, Player, check_whole_packets, eventually, start_proxy
 from .test_end_to_end import PROXY_LISTENING, get_json, spawn, twistd  # noqa: F401 (spawn: fixture)

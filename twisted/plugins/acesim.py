@@ -20,7 +20,7 @@ from twisted.python import usage
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from acestream_proxy.simulator import FAULTS, SimulatedEngine
+from acestream_proxy.testing.engine import FAULTS, SimulatedEngine
 
 DEFAULT_ENDPOINT = "tcp:6878:interface=127.0.0.1"
 

@@ -14,15 +14,15 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock
 from twisted.logger import Logger
 
-from .clients import ClientSupervisor
-from .config import Tuning
-from .constants import ACTIVE_STATES, ClientField, Meta
-from .engine_api import EngineAPI
-from .engines import Engine, EngineRegistry
-from .errors import NoEngine, NotFound, Unavailable
-from .producer import ClientInfo
-from .session import Role, StreamSession
-from .store import Store
+from ..config import Tuning
+from ..constants import ACTIVE_STATES, ClientField, Meta
+from ..engine.api import EngineAPI
+from ..engine.registry import Engine, EngineRegistry
+from ..errors import NoEngine, NotFound, Unavailable
+from ..store.base import Store
+from .heartbeat import ClientSupervisor
+from .player import ClientInfo
+from .stream import Role, StreamSession
 
 #: Seconds a shutdown waits for players' last bytes to leave.
 SHUTDOWN_DRAIN = 5.0

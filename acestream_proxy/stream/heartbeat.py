@@ -18,10 +18,10 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from .constants import ClientField
-from .errors import Unavailable
-from .session import Role
-from .store import Store
+from ..constants import ClientField
+from ..errors import Unavailable
+from ..store.base import Store
+from .stream import Role
 
 
 @attrs.define(eq=False)

@@ -18,10 +18,9 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .buffer import Chunk
-from .follower import BufferFollower
+from .fanout import BufferFollower
 from .sendpath import direct_writer
-
+from .window import Chunk
 
 #: The C{bufferSize} of a player's transport: more than this queued pauses
 #: the player's producer.  Not 0: Twisted also reads at most C{bufferSize}

@@ -10,9 +10,9 @@ broadcast.
 The stream is synthetic but checkable: every data packet carries a sequence
 number taken from a clock shared by all sessions of the engine, a tag derived
 from the content id and the time it was sent (see
-L{acestream_proxy.mpegts}).  Two viewers of one broadcast therefore see the
+L{acestream_proxy.testing.synthetic}).  Two viewers of one broadcast therefore see the
 same numbers for the same moment, as they would from a real engine, and
-L{acestream_proxy.mpegts.verify} can tell a lost, repeated or misrouted packet
+L{acestream_proxy.testing.synthetic.verify} can tell a lost, repeated or misrouted packet
 from a faithful relay.
 
 Faults that real engines exhibit can be switched on and off from Python
@@ -37,7 +37,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from acestream_proxy import mpegts
+from . import synthetic
 
 #: Every fault the engine can simulate.
 FAULTS = frozenset(
@@ -182,13 +182,13 @@ class _Playback:
         if "playback_stall" in faults:
             return
         if self.text:
-            payload = _text_body((end - first + 2) * mpegts.PACKET_SIZE)
+            payload = _text_body((end - first + 2) * synthetic.PACKET_SIZE)
         else:
             payload = b"".join(
                 (
-                    mpegts.pat_packet(self._cc),
-                    mpegts.pmt_packet(self._cc),
-                    mpegts.data_packets(
+                    synthetic.pat_packet(self._cc),
+                    synthetic.pmt_packet(self._cc),
+                    synthetic.data_packets(
                         first, end - first, self._tag, self.engine.reactor.seconds()
                     ),
                 )
@@ -280,7 +280,7 @@ class SimulatedEngine:
 
     @property
     def packets_per_second(self) -> float:
-        return self.bitrate / (mpegts.PACKET_SIZE * 8)
+        return self.bitrate / (synthetic.PACKET_SIZE * 8)
 
     @property
     def max_backlog_packets(self) -> int:

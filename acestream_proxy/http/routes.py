@@ -16,8 +16,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from .errors import BadRequest, Forbidden, ProxyError, Unauthorized
-from .server import ProxyServer
+from ..errors import BadRequest, Forbidden, ProxyError, Unauthorized
+from ..stream.registry import ProxyServer
 
 _HASH = re.compile(r"[0-9a-fA-F]{40}")
 _KEY_PARAMS = ("id", "infohash")

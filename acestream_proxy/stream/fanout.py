@@ -7,7 +7,7 @@ own pace (see L{acestream_proxy.producer}).
 
 import attrs
 
-from .buffer import Chunk, ChunkWindow
+from .window import Chunk, ChunkWindow
 
 
 @attrs.define(eq=False)

@@ -1,14 +1,8 @@
 """
-MPEG transport stream helpers shared by the proxy, the simulated engine, the
-tests and the benchmarks.
-
-The proxy only ever needs to cut a byte stream into whole 188-byte packets
-(players choke on a packet torn in half when they join mid-stream), so the
-one piece of "real" TS handling here is L{PacketAligner}.  The rest builds and
-reads the small synthetic stream the simulated engine sends: a PAT, a PMT
+The synthetic, checkable MPEG-TS stream of the simulated engine: a PAT, a PMT
 and private-data PES packets that carry a sequence number, a content tag and
 the time they were sent, which lets a test prove that every viewer got every
-packet, in order, of the right broadcast.
+packet, in order, of the right broadcast (L{verify}).
 """
 
 from __future__ import annotations
@@ -17,9 +11,8 @@ import struct
 
 import attrs
 
-PACKET_SIZE = 188
-SYNC_BYTE = 0x47
-PAT_PID = 0
+from acestream_proxy.stream.mpegts import PACKET_SIZE, PAT_PID, SYNC_BYTE, mpeg2_crc32
+
 PMT_PID = 0x1000
 DATA_PID = 0x100
 
@@ -41,145 +34,6 @@ _SEQ_OFFSET = _PAYLOAD_OFFSET + len(DATA_MAGIC) + 4
 _DATA_FIELDS = struct.Struct(">4s4sQd")  # magic, content tag, seq, sent_at
 _SEQ = struct.Struct(">Q")
 _DATA_PACKET_HEAD = bytes([SYNC_BYTE, 0x40 | (DATA_PID >> 8), DATA_PID & 0xFF])
-
-
-@attrs.define
-class PacketAligner:
-    """
-    Cut an arbitrary byte stream into whole transport stream packets.
-
-    TCP hands us the stream in pieces of any size, and an engine that hiccups
-    may even put stray bytes between packets.  Everything the proxy forwards
-    has to start on a packet boundary, so this keeps the trailing partial
-    packet for the next call and, when the stream loses sync, drops bytes
-    until three (or, near the end of the data, two) sync bytes line up 188
-    bytes apart.
-
-    @ivar resyncs: How many times the stream lost packet alignment.
-    @ivar discarded: How many bytes were dropped to regain it.
-    """
-
-    resyncs: int = 0
-    discarded: int = 0
-    _pending: bytes = attrs.field(default=b"", init=False, repr=False)
-    _synced: bool = attrs.field(default=True, init=False, repr=False)
-
-    def feed(self, data: bytes) -> bytes:
-        """
-        Take the next piece of the stream; return the whole packets it
-        completes, possibly C{b""}.
-
-        Aligned input with nothing carried over is returned as the very same
-        object: that is the common case and the proxy's hot path.
-        """
-        if self._synced and not self._pending:
-            count, partial = divmod(len(data), PACKET_SIZE)
-            if not partial and data[::PACKET_SIZE] == _SYNC * count:
-                return data
-        buf = self._pending + data if self._pending else bytes(data)
-        out: list[bytes] = []
-        pos = 0
-        while pos < len(buf):
-            if not self._synced:
-                pos = self._find_sync(buf, pos)
-                if not self._synced:
-                    break
-            pos, complete = self._take_aligned(buf, pos, out)
-            if complete:
-                break
-        self._pending = buf[pos:]
-        if len(out) == 1:
-            return out[0]
-        return b"".join(out)
-
-    def reset(self) -> None:
-        """
-        Forget the carried-over partial packet, because the stream it belonged
-        to is gone (the engine connection was re-established).
-        """
-        self._pending = b""
-        self._synced = True
-
-    def _take_aligned(
-        self, buf: bytes, pos: int, out: list[bytes]
-    ) -> tuple[int, bool]:
-        """
-        Move the run of well-formed whole packets at C{pos} to C{out}.
-
-        @return: The new position, and whether the rest of C{buf} is merely a
-            partial packet (C{True}) rather than a loss of sync (C{False}).
-        """
-        whole = (len(buf) - pos) // PACKET_SIZE
-        if not whole:
-            return pos, True
-        stop = pos + whole * PACKET_SIZE
-        starts = buf[pos:stop:PACKET_SIZE]
-        good = whole - len(starts.lstrip(_SYNC))
-        if good:
-            end = pos + good * PACKET_SIZE
-            out.append(buf[pos:end])
-            pos = end
-        if good == whole:
-            return pos, True
-        self.resyncs += 1
-        self._synced = False
-        return pos, False
-
-    def _find_sync(self, buf: bytes, pos: int) -> int:
-        """
-        Drop bytes from C{pos} up to the next confirmed packet start.
-
-        A lone 0x47 proves nothing (it is a common payload byte), so a
-        candidate only counts when the next packet, and the one after when
-        present, start with 0x47 as well.  A candidate that cannot be
-        confirmed yet is kept for the next call.
-
-        @return: The position of the confirmed packet start, or of the
-            unconfirmed candidate (sync stays lost), or C{len(buf)}.
-        """
-        search = pos
-        while True:
-            candidate = buf.find(_SYNC, search)
-            if candidate < 0:
-                self.discarded += len(buf) - pos
-                return len(buf)
-            if candidate + PACKET_SIZE >= len(buf):
-                break
-            if buf[candidate + PACKET_SIZE] == SYNC_BYTE and (
-                candidate + 2 * PACKET_SIZE >= len(buf)
-                or buf[candidate + 2 * PACKET_SIZE] == SYNC_BYTE
-            ):
-                self._synced = True
-                break
-            search = candidate + 1
-        self.discarded += candidate - pos
-        return candidate
-
-
-def _crc_table() -> tuple[int, ...]:
-    """The 256-entry lookup table for L{mpeg2_crc32}."""
-    table = []
-    for byte in range(256):
-        crc = byte << 24
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x04C11DB7) if crc & 0x80000000 else (crc << 1)
-        table.append(crc & 0xFFFFFFFF)
-    return tuple(table)
-
-
-_CRC_TABLE = _crc_table()
-
-
-def mpeg2_crc32(data: bytes) -> int:
-    """
-    CRC-32/MPEG-2 (polynomial 0x04C11DB7, initial value 0xFFFFFFFF, no
-    reflection, no final xor), which PSI sections must end with or demuxers
-    ignore the table.
-    """
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = ((crc << 8) & 0xFFFFFFFF) ^ _CRC_TABLE[(crc >> 24) ^ byte]
-    return crc
 
 
 def _psi_packet(pid: int, cc: int, section: bytes) -> bytes:

@@ -23,8 +23,8 @@ steps down, so that the buffer is written by one owner at a time.
 With the embedded store there is only ever one worker, the owner.
 """
 
-from collections import deque
 import random
+from collections import deque
 from enum import StrEnum
 from typing import Awaitable, Callable
 
@@ -34,17 +34,17 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .buffer import Chunk, ChunkWindow, frame
-from .config import Tuning
-from .constants import ClientField, Event, Meta, StreamState
-from .engine_api import EngineAPI, Playback
-from .engines import Engine
-from .errors import EngineError, EngineTimeout, ProxyError, Unavailable
-from .follower import BufferFollower
+from ..config import Tuning
+from ..constants import ClientField, Event, Meta, StreamState
+from ..engine.api import EngineAPI, Playback
+from ..engine.reader import EngineReader
+from ..engine.registry import Engine
+from ..errors import EngineError, EngineTimeout, ProxyError, Unavailable
+from ..store.base import Store
+from .fanout import BufferFollower
 from .health import Backoff, Health, Verdict, check_interval, judge_silence
-from .producer import ClientInfo, ClientProducer
-from .reader import EngineReader
-from .store import Store
+from .player import ClientInfo, ClientProducer
+from .window import Chunk, ChunkWindow, frame
 
 #: Chunks that may wait for the store before the engine's transport is paused.
 MAX_PENDING_APPENDS = 8

@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from .mpegts import PacketAligner
+from ..stream.mpegts import PacketAligner
 
 
 @attrs.define(eq=False)

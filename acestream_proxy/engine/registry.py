@@ -10,7 +10,7 @@ import attrs
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
-from .config import EngineConfig
+from ..config import EngineConfig
 
 
 @attrs.define(eq=False)

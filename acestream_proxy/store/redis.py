@@ -20,11 +20,10 @@ from twisted.internet.defer import Deferred, DeferredList, TimeoutError, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.logger import Logger
 
-from . import redis_keys as keys
-from .buffer import NotOwner
-from .constants import Meta
-from .errors import Unavailable
-from .store import Fields, Listeners, _plain
+from ..constants import Meta
+from ..errors import Unavailable
+from . import keys
+from .base import Fields, Listeners, NotOwner, _plain
 
 # Only the lease holder may append: a stale owner (one that stood still past
 # its lease) is refused, so its chunks cannot land after the new owner's.

@@ -1,5 +1,5 @@
 """
-C{python -m acestream_proxy.demo} (C{make demo}): the proxy in front of a
+C{python -m acestream_proxy.testing.demo} (C{make demo}): the proxy in front of a
 simulated engine, both in this one process, so that a newcomer can point a
 player at a working stream without installing an AceStream engine.
 
@@ -24,9 +24,9 @@ from twisted.internet.task import react
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.web.server import Site
 
-from .config import Config, ConfigError, build, engine_from_url
-from .service import make_service
-from .simulator import SimulatedEngine
+from ..config import Config, ConfigError, build, engine_from_url
+from ..service import make_service
+from .engine import SimulatedEngine
 
 #: The content id the printed URL asks for; any 40 hex digits would do.
 DEMO_ID = "ace0" * 10
@@ -39,7 +39,7 @@ log = Logger(namespace="demo")
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m acestream_proxy.demo",
+        prog="python -m acestream_proxy.testing.demo",
         description="Run the proxy against a simulated AceStream engine, "
         "in one process, until Ctrl-C.",
     )

@@ -17,8 +17,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 
-from .engines import Engine
-from .errors import EngineError, EngineTimeout
+from ..errors import EngineError, EngineTimeout
+from .registry import Engine
 
 #: Seconds a stop command may take: it is sent while streams end and the
 #: daemon shuts down, which must not wait for a hung engine.

@@ -13,7 +13,7 @@ from typing import Callable
 
 import attrs
 
-from .config import Tuning
+from ..config import Tuning
 
 #: Delay before the second attempt; each later one doubles it.
 BACKOFF_BASE = 0.5
