@@ -38,8 +38,8 @@ class Event(StrEnum):
     Events published on a stream's channel for the other workers.
     """
 
-    CLIENT_CONNECTED = "client_connected"
-    CLIENT_DISCONNECTED = "client_disconnected"
+    PLAYER_CONNECTED = "client_connected"
+    PLAYER_DISCONNECTED = "client_disconnected"
     STREAM_STARTED = "stream_started"
     STREAM_STOPPING = "stream_stopping"
     OWNER_CHANGED = "owner_changed"
@@ -69,7 +69,7 @@ class Meta(StrEnum):
     RECONNECTS = "reconnects"
 
 
-class ClientField(StrEnum):
+class PlayerField(StrEnum):
     """
     Fields of one client's hash.
     """

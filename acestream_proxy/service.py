@@ -11,15 +11,14 @@ from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import succeed
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
 
 from .config import Config, Options
 from .engine.api import EngineAPI
 from .engine.registry import Engine, EngineRegistry
-from .http.routes import ProxyWeb
+from .http.routes import make_site
 from .store.memory import MemoryStore
 from .store.redis import RedisStore
-from .stream.registry import ProxyServer
+from .stream.registry import StreamRegistry
 
 __all__ = ["Options", "makeService", "make_service"]
 
@@ -78,9 +77,9 @@ def make_service(config: Config, reactor=None, listen: bool = True) -> MultiServ
     that it stops last: while streams wind down, new requests still get an
     answer (503) instead of a refused connection.
 
-    The returned service has C{proxy} (the L{ProxyServer}) and C{site}
-    attributes; with C{listen=False} it has no listener, for a caller that
-    listens on the site itself.
+    Its children are named: C{store}, C{engine-pool}, C{http} (the
+    listener; absent with C{listen=False}, for a caller that listens on
+    L{make_site} itself) and C{streams} (the L{StreamRegistry}).
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -90,22 +89,23 @@ def make_service(config: Config, reactor=None, listen: bool = True) -> MultiServ
     worker_id = uuid.uuid4().hex[:12]
     store = make_store(config, reactor, worker_id)
     if isinstance(store, Service):
-        store.setServiceParent(top)
+        _named(store, "store", top)
     pool = HTTPConnectionPool(reactor)
-    _ConnectionPool(pool).setServiceParent(top)
+    _named(_ConnectionPool(pool), "engine-pool", top)
     http = HTTPClient(Agent(reactor, connectTimeout=tuning.engine_connect_timeout, pool=pool))
     api = EngineAPI(http, reactor, tuning.engine_timeout, tuning.first_byte_timeout)
-    registry = EngineRegistry([Engine.from_config(engine) for engine in config.engines], api)
-    server = ProxyServer(store, registry, api, reactor, tuning, worker_id)
-
-    site = Site(ProxyWeb(server, config.admin_token).resource())
-    site.displayTracebacks = False
+    engines = EngineRegistry([Engine.from_config(engine) for engine in config.engines], api)
+    streams = StreamRegistry(store, engines, api, reactor, tuning, worker_id)
     if listen:
-        strports.service(config.listen, site, reactor=reactor).setServiceParent(top)
-    server.setServiceParent(top)
-    top.proxy = server
-    top.site = site
+        listener = strports.service(config.listen, make_site(streams, config), reactor=reactor)
+        _named(listener, "http", top)
+    _named(streams, "streams", top)
     return top
+
+
+def _named(service: Service, name: str, parent: MultiService) -> None:
+    service.setName(name)
+    service.setServiceParent(parent)
 
 
 def makeService(options: Options) -> IService:

@@ -13,14 +13,14 @@ from acestream_proxy.config import Tuning
 from acestream_proxy.engine.api import Playback
 from acestream_proxy.engine.registry import Engine, EngineRegistry
 from acestream_proxy.store.memory import MemoryStore
-from acestream_proxy.stream.registry import ProxyServer
+from acestream_proxy.stream.registry import StreamRegistry
 from acestream_proxy.testing.synthetic import data_packets
 
 
 @attrs.define(eq=False)
 class FakeRequest:
     """
-    Just what L{ClientProducer} and L{ProxyServer.attach} use of a request.
+    Just what L{PlayerProducer} and L{StreamRegistry.attach} use of a request.
     """
 
     chunked: bool = True
@@ -89,10 +89,10 @@ def packets(first_seq: int, count: int) -> bytes:
     return data_packets(first_seq, count, b"\x01\x01\x01\x01", 0.0)
 
 
-def make_server(clock, api=None, engines=None, **tuning) -> ProxyServer:
+def make_server(clock, api=None, engines=None, **tuning) -> StreamRegistry:
     api = api or FakeEngineAPI()
     tuning = Tuning(**tuning)
     engines = engines or [Engine("engine-a", "http://127.0.0.1:6878", "127.0.0.1", 6878)]
     registry = EngineRegistry(engines, api)
     store = MemoryStore(clock, tuning.buffer_chunks, tuning.chunk_ttl, "worker-1")
-    return ProxyServer(store, registry, api, clock, tuning, "worker-1")
+    return StreamRegistry(store, registry, api, clock, tuning, "worker-1")

@@ -15,6 +15,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.server import Site
 
 from acestream_proxy.config import Config, EngineConfig, Tuning
+from acestream_proxy.http.routes import make_site
 from acestream_proxy.service import make_service
 from acestream_proxy.stream.mpegts import PACKET_SIZE
 from acestream_proxy.testing.engine import SimulatedEngine, content_tag
@@ -88,8 +89,8 @@ class RunningProxy:
         return f"http://127.0.0.1:{self.port.getHost().port}"
 
     @property
-    def server(self):
-        return self.service.proxy
+    def registry(self):
+        return self.service.getServiceNamed("streams")
 
     def stream_url(self, key: str, param: str = "id") -> str:
         return f"{self.url}/ace/getstream?{param}={key}"
@@ -115,8 +116,10 @@ def start_proxy(
     service.startService()
     # The first engine probe runs at start; let it finish so selection sees
     # every engine's health.
-    yield service.proxy.registry.probe()
-    port = reactor.listenTCP(0, service.site, interface="127.0.0.1")
+    yield service.getServiceNamed("streams").engines.probe()
+    port = reactor.listenTCP(
+        0, make_site(service.getServiceNamed("streams"), config), interface="127.0.0.1"
+    )
     return RunningProxy(service, port)
 
 

@@ -28,9 +28,9 @@ async def test_paused_player_neither_stalls_others_nor_grows_memory():
         assert slow.head.startswith(b"HTTP/1.1 200")
         slow.pause()
 
-        session = proxy.server.sessions[KEY]
-        slow_producer = max(session.players, key=lambda p: p.client.connected_at)
-        assert slow_producer.client.user_agent == "raw"
+        session = proxy.registry.streams[KEY]
+        slow_producer = max(session.players, key=lambda p: p.info.connected_at)
+        assert slow_producer.info.user_agent == "raw"
         # Once the kernel's buffers are full the slow player's producer stays
         # paused while the window moves on past its position; the window
         # keeps its size and the fast player keeps getting every packet.

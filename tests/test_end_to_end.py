@@ -303,7 +303,7 @@ async def test_two_players_share_one_engine_session_until_sigterm(spawn):
     await exited
     assert proxy.stopped_cleanly(), proxy.describe_end() + "\n" + proxy.output()
     # Whether the proxy finished the bodies cleanly: asserted, since its
-    # shutdown promises players a clean end (see ProxyServer.stopService).
+    # shutdown promises players a clean end (see StreamRegistry.stopService).
     assert ends == [True, True], proxy.output()
     for player in players:
         check_stream(bytes(player.data))

@@ -111,9 +111,9 @@ async def no_stream_left(proxy, timeout: float = 10.0) -> None:
     """
     Wait until the proxy has no session and its store no stream.
     """
-    await eventually(lambda: not proxy.server.sessions, timeout, what="sessions gone")
+    await eventually(lambda: not proxy.registry.streams, timeout, what="sessions gone")
     waited = 0.0
-    while streams := await proxy.server.store.list_streams():
+    while streams := await proxy.registry.store.list_streams():
         if waited >= timeout:
             raise AssertionError(f"streams left in the store: {streams}")
         await deferLater(reactor, 0.01, lambda: None)
@@ -188,10 +188,10 @@ async def test_uppercase_and_escaped_keys_are_valid_and_lowercased(engine, proxy
         player = await Player.open(f"{proxy.url}/ace/getstream?{param}={sent}")
         assert player.response.code == 200
         await player.wait_bytes(1)
-        assert key in proxy.server.sessions
+        assert key in proxy.registry.streams
         player.disconnect()
     assert engine.engine.getstream_calls == [(param, KEY), (param, OTHER)]
-    assert sorted(s["key"] for s in await proxy.server.store.list_streams()) == [KEY, OTHER]
+    assert sorted(s["key"] for s in await proxy.registry.store.list_streams()) == [KEY, OTHER]
 
 
 # 404 and 400: paths
@@ -313,8 +313,8 @@ async def test_no_healthy_engine_is_503(proxy_factory):
         for answer in answers:
             assert_error(answer, 503, "no healthy engine")
         assert sick.engine.getstream_calls == []
-        assert proxy.server.sessions == {}
-        assert await proxy.server.store.list_streams() == []
+        assert proxy.registry.streams == {}
+        assert await proxy.registry.store.list_streams() == []
         health = await fetch(proxy.url + "/health")
         assert health.code == 200
         assert health.json()["engines_healthy"] == 0
@@ -472,7 +472,7 @@ async def test_delete_needs_the_admin_token(engine, proxy_factory):
         answer = await fetch(url, "DELETE", headers)
         assert_error(answer, 401, "admin token")
         assert answer.header("www-authenticate") == ["Bearer"]
-    assert KEY in proxy.server.sessions
+    assert KEY in proxy.registry.streams
     # Without the token nothing else is looked at, not even the key.
     assert_error(await fetch(f"{proxy.url}/streams/junk", "DELETE"), 401)
 

@@ -4,9 +4,9 @@ each player's producer honouring pause and resume, skipping to live when it
 has fallen out of the window.
 """
 
-from acestream_proxy.stream.fanout import BufferFollower
+from acestream_proxy.stream.fanout import FanOut
 from acestream_proxy.stream.mpegts import PACKET_SIZE
-from acestream_proxy.stream.player import ClientInfo, ClientProducer
+from acestream_proxy.stream.player import PlayerInfo, PlayerProducer
 from acestream_proxy.stream.window import Chunk, ChunkWindow
 from acestream_proxy.testing.synthetic import verify
 
@@ -30,7 +30,7 @@ def dechunk(raw: bytes) -> bytes:
 
 
 def make_follower(max_chunks=10, join_chunks=3):
-    return BufferFollower(ChunkWindow(max_chunks, ttl=60), join_chunks)
+    return FanOut(ChunkWindow(max_chunks, ttl=60), join_chunks)
 
 
 def publish(follower, first, count):
@@ -42,8 +42,8 @@ def publish(follower, first, count):
 def player(follower, chunked=True):
     request = FakeRequest(chunked=chunked)
     left = []
-    producer = ClientProducer(
-        ClientInfo("c", "k", "127.0.0.1", "ua", 0.0), follower, request, left.append
+    producer = PlayerProducer(
+        PlayerInfo("c", "k", "127.0.0.1", "ua", 0.0), follower, request, left.append
     )
     producer.start()
     return producer, request, left

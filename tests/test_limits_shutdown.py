@@ -128,7 +128,7 @@ def queued(transport) -> int:
 
 def raw_producers(session) -> list:
     """The producers of the session's raw-socket players (user agent C{raw})."""
-    return [p for p in session.players if p.client.user_agent == "raw"]
+    return [p for p in session.players if p.info.user_agent == "raw"]
 
 
 def stream_keys(redis_server) -> list[str]:
@@ -151,8 +151,8 @@ class Daemon:
     port: int
 
     @property
-    def server(self):
-        return self.service.proxy
+    def registry(self):
+        return self.service.getServiceNamed("streams")
 
     def stream_url(self, key: str) -> str:
         return f"{self.url}/ace/getstream?id={key}"
@@ -177,7 +177,7 @@ def daemons():
         service = make_service(config, reactor)
         service.startService()
         started.append(service)
-        await service.proxy.registry.probe()
+        await service.getServiceNamed("streams").engines.probe()
         return Daemon(service, f"http://127.0.0.1:{port}", port)
 
     yield start
@@ -230,7 +230,7 @@ async def test_max_clients_per_stream_refuses_only_that_stream(engine, proxy_fac
 
     await streaming(first)
     await streaming(other, key=OTHER)
-    assert len(proxy.server.sessions[KEY].players) == 1
+    assert len(proxy.registry.streams[KEY].players) == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -272,7 +272,7 @@ async def test_simultaneous_players_of_a_starting_stream_respect_the_limit(
     assert sorted(p.response.code for p in players) == [200, 200, 503]
     (late,) = [p for p in players if p.response.code == 503]
     assert late.response.headers.getRawHeaders(b"retry-after") == [b"%d" % LIMIT_RETRY_AFTER]
-    assert len(proxy.server.sessions[KEY].players) == 2
+    assert len(proxy.registry.streams[KEY].players) == 2
     await streaming(*[p for p in players if p.response.code == 200])
 
 
@@ -316,8 +316,8 @@ async def test_max_clients_per_stream_counts_players_of_every_worker(engine, red
         await players[-1].wait_bytes(100 * PACKET_SIZE)
     assert [p.response.code for p in players] == [200, 200]
 
-    store = workers[0].server.store
-    await until(lambda: store.list_clients(KEY), lambda c: len(c) == 2, what="both players in Redis")
+    store = workers[0].registry.store
+    await until(lambda: store.list_players(KEY), lambda c: len(c) == 2, what="both players in Redis")
     for worker in workers:
         assert "too many players on this stream" in await refused(worker.stream_url(KEY))
     await streaming(*players)
@@ -396,7 +396,7 @@ async def test_stuck_players_hold_at_most_one_chunk_each(engine, proxy_factory):
     )
     healthy = await Player.open(proxy.stream_url(KEY))
     await healthy.wait_bytes(100 * PACKET_SIZE)
-    session = proxy.server.sessions[KEY]
+    session = proxy.registry.streams[KEY]
     window = session.follower.window
     stuck = await stuck_players(proxy, STUCK)
     try:
@@ -442,7 +442,7 @@ async def test_stuck_players_are_dropped_after_write_timeout(engine, proxy_facto
     )
     healthy = await Player.open(proxy.stream_url(KEY))
     await healthy.wait_bytes(100 * PACKET_SIZE)
-    session = proxy.server.sessions[KEY]
+    session = proxy.registry.streams[KEY]
     (kept,) = session.players
 
     # Each stuck producer lives at least write_timeout: note them all.
@@ -451,7 +451,7 @@ async def test_stuck_players_are_dropped_after_write_timeout(engine, proxy_facto
     def note() -> None:
         for producer in raw_producers(session):
             seen.setdefault(
-                producer.client.id, (weakref.ref(producer), weakref.ref(producer.request.transport))
+                producer.info.id, (weakref.ref(producer), weakref.ref(producer.request.transport))
             )
 
     stuck = await stuck_players(proxy, STUCK, note)
@@ -472,8 +472,8 @@ async def test_stuck_players_are_dropped_after_write_timeout(engine, proxy_facto
     assert session.follower.producers == {kept}
     assert session.follower.live_count == 1
     await until(
-        lambda: proxy.server.store.list_clients(KEY),
-        lambda clients: list(clients) == [kept.client.id],
+        lambda: proxy.registry.store.list_players(KEY),
+        lambda clients: list(clients) == [kept.info.id],
         what="only the healthy player in the store",
     )
     # Reading again, they find their connections gone.
@@ -578,7 +578,7 @@ async def test_shutdown_ends_every_player_cleanly_and_refuses_new_requests(
     fast = await Player.open(daemon.stream_url(KEY))
     assert fast.response.code == 200
     await fast.wait_bytes(100 * PACKET_SIZE)
-    session = daemon.server.sessions[KEY]
+    session = daemon.registry.streams[KEY]
     # A player that stopped reading: the shutdown waits for its last bytes
     # (up to SHUTDOWN_DRAIN), which holds it open for the requests below.
     slow, _ = await stuck_player(daemon, session)
@@ -637,7 +637,7 @@ async def test_shutdown_ends_within_10s_with_a_hung_engine_and_a_stuck_player(
     daemon = await daemons([engine.config("engine-a")], redis=redis_server.url)
     player = await Player.open(daemon.stream_url(KEY))
     await player.wait_bytes(100 * PACKET_SIZE)
-    session = daemon.server.sessions[KEY]
+    session = daemon.registry.streams[KEY]
     stuck, _ = await stuck_player(daemon, session)
     (session_id,) = engine.engine.sessions
     try:
@@ -736,7 +736,7 @@ async def test_delete_needs_the_token_and_the_token_is_never_logged(engine):
                 assert response.code == 401, (authorization, response.code, body)
                 assert response.headers.getRawHeaders(b"www-authenticate") == [b"Bearer"]
                 assert "admin token" in body["error"]
-            assert KEY in proxy.server.sessions
+            assert KEY in proxy.registry.streams
             await player.more(100 * PACKET_SIZE)
 
             response = await treq.delete(url, headers={"Authorization": f"Bearer {TOKEN}"})

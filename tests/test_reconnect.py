@@ -141,7 +141,7 @@ def started(clock, api=None, engines=None, **tuning):
     request, attached = attach(server)
     api.readers[0].dataReceived(packets(0, 50))
     assert attached.called
-    session = server.sessions[KEY]
+    session = server.streams[KEY]
     session.jitter = lambda: 0.0
     return server, api, request, attached, session
 
@@ -300,7 +300,7 @@ def test_backoff_between_attempts_then_error_and_a_clean_end():
 
     [m] = last
     assert (m["status"], m["health"], m["reconnects"]) == ("error", "error", 8)
-    assert server.sessions == {}
+    assert server.streams == {}
     assert server.store.list_streams().result == []
     assert producer.finished and ended_cleanly(attached)
     assert api.stops == ["session-1"]
@@ -328,7 +328,7 @@ def test_failed_attempts_sessions_are_stopped():
     api.readers[2].connectionLost(Failure(ConnectionDone()))
     assert api.stops == ["session-1", "session-2", "session-3"]
     assert [(m["status"], m["reconnects"]) for m in last] == [("error", 2)]
-    assert server.sessions == {}
+    assert server.streams == {}
     assert server.store.list_streams().result == []
     assert ended_cleanly(attached)
     assert [engine for engine, _, _ in api.getstreams] == ["engine-a", "engine-a", "engine-b"]
@@ -345,7 +345,7 @@ def test_stopping_during_a_reconnection_ends_it():
     api.readers[0].connectionLost(Failure(ConnectionDone()))
     assert len(api.asked) == 2
     server.stop_stream(KEY, "test")
-    assert server.sessions == {}
+    assert server.streams == {}
     assert server.store.list_streams().result == []
     api.hang = False
     clock.pump([0.25] * 100)
@@ -363,7 +363,7 @@ def test_no_reconnection_allowed_ends_the_stream_at_once():
     assert [(m["status"], m["reconnects"]) for m in last] == [("error", 0)]
     assert api.asked_engines == ["engine-a"]
     assert api.stops == ["session-1"]
-    assert server.sessions == {}
+    assert server.streams == {}
     assert server.store.list_streams().result == []
     assert ended_cleanly(attached)
 
@@ -425,8 +425,8 @@ async def nothing_left(proxy, *engines) -> None:
     Once its players are gone, the stream leaves no session on the proxy,
     no key in the store and no session on any engine.
     """
-    await eventually(lambda: not proxy.server.sessions, what="the proxy's sessions to end")
-    await until(proxy.server.store.list_streams, lambda s: s == [], what="no stream in the store")
+    await eventually(lambda: not proxy.registry.streams, what="the proxy's sessions to end")
+    await until(proxy.registry.store.list_streams, lambda s: s == [], what="no stream in the store")
     for running in engines:
         await eventually(lambda: not running.engine.sessions, what="the engine's sessions to end")
         assert running.engine.playback_connections == 0
@@ -550,7 +550,7 @@ async def test_reconnections_exhausted_end_the_players_cleanly(
         players = [await Player.open(proxy.stream_url(HASHES[0])) for _ in range(2)]
         for player in players:
             await player.wait_bytes(100 * PACKET_SIZE)
-        proxy.server.sessions[HASHES[0]].jitter = lambda: 0.0
+        proxy.registry.streams[HASHES[0]].jitter = lambda: 0.0
         for running in (first, second):
             running.engine.faults.add("getstream_500")
         first.engine.drop_playback()
@@ -579,7 +579,7 @@ async def test_lost_sync_is_regained_without_losing_a_packet(
     player = await Player.open(proxy.stream_url(HASHES[0]))
     await player.wait_bytes(100 * PACKET_SIZE)
     engine.engine.faults.add("playback_desync")
-    session = proxy.server.sessions[HASHES[0]]
+    session = proxy.registry.streams[HASHES[0]]
     aligner = session._reader.aligner
     await eventually(lambda: aligner.resyncs >= 5, what="five losses of sync")
     await player.more(200 * PACKET_SIZE)

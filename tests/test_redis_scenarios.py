@@ -15,7 +15,7 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 
-from acestream_proxy.constants import ClientField
+from acestream_proxy.constants import PlayerField
 from acestream_proxy.store import keys as keys
 from acestream_proxy.stream.mpegts import PACKET_SIZE
 from acestream_proxy.stream.stream import Role
@@ -29,12 +29,12 @@ TUNING = dict(cleanup_grace=0.3, chunk_ttl=10.0, buffer_chunks=10, heartbeat_int
 
 #: Every field the seed's client hash carries.
 CLIENT_FIELDS = {
-    ClientField.WORKER,
-    ClientField.ADDRESS,
-    ClientField.USER_AGENT,
-    ClientField.CONNECTED_AT,
-    ClientField.LAST_HEARTBEAT,
-    ClientField.BYTES_SENT,
+    PlayerField.WORKER,
+    PlayerField.ADDRESS,
+    PlayerField.USER_AGENT,
+    PlayerField.CONNECTED_AT,
+    PlayerField.LAST_HEARTBEAT,
+    PlayerField.BYTES_SENT,
 }
 
 
@@ -47,10 +47,10 @@ def client_ids(*proxies, key: str = KEY) -> set[str]:
     The ids the proxies gave their players of stream C{key}.
     """
     return {
-        producer.client.id
+        producer.info.id
         for proxy in proxies
-        if key in proxy.server.sessions
-        for producer in proxy.server.sessions[key].players
+        if key in proxy.registry.streams
+        for producer in proxy.registry.streams[key].players
     }
 
 
@@ -209,9 +209,9 @@ async def test_single_client(redis_server, redis, engine, proxy_factory):
     assert meta["container_id"] == "engine-a"
     assert meta["engine_url"] == engine.url
     assert meta["playback_session_id"] in engine.engine.sessions
-    assert meta["owner"] == proxy.server.worker_id
+    assert meta["owner"] == proxy.registry.worker_id
     assert meta["playback_url"].startswith(engine.url)
-    assert text(redis("GET", keys.owner(KEY))) == proxy.server.worker_id
+    assert text(redis("GET", keys.owner(KEY))) == proxy.registry.worker_id
 
     first = int(redis("GET", keys.buffer_index(KEY)))
     assert first >= 1
@@ -224,12 +224,12 @@ async def test_single_client(redis_server, redis, engine, proxy_factory):
 
     client = hash_of(redis, keys.client(KEY, client_id))
     assert CLIENT_FIELDS <= set(client), client
-    assert client["worker"] == proxy.server.worker_id
+    assert client["worker"] == proxy.registry.worker_id
     assert client["address"] == "127.0.0.1"
     assert client["user_agent"] == "scenario-player"
     assert float(client["last_heartbeat"]) >= float(client["connected_at"])
     ttl = redis("PTTL", keys.client(KEY, client_id))
-    assert 0 < ttl <= proxy.server.tuning.ghost_client_timeout * 1000
+    assert 0 < ttl <= proxy.registry.tuning.ghost_client_timeout * 1000
     player.disconnect()
 
 
@@ -270,8 +270,8 @@ async def test_three_clients_on_two_workers_share_one_engine_session(
         await player.wait_bytes(300 * PACKET_SIZE)
         check_bytes(player)
 
-    assert first.server.sessions[KEY].role is Role.OWNER
-    assert second.server.sessions[KEY].role is Role.FOLLOWER
+    assert first.registry.streams[KEY].role is Role.OWNER
+    assert second.registry.streams[KEY].role is Role.FOLLOWER
     assert len(engine.engine.getstream_calls) == 1
     assert len(engine.engine.sessions) == 1
     assert engine.engine.playback_connections == 1
@@ -280,14 +280,14 @@ async def test_three_clients_on_two_workers_share_one_engine_session(
     assert len(ids) == 3
     await eventually(lambda: members(redis) == ids, what="three clients in the set")
     workers = {hash_of(redis, keys.client(KEY, cid))["worker"] for cid in ids}
-    assert workers == {first.server.worker_id, second.server.worker_id}
+    assert workers == {first.registry.worker_id, second.registry.worker_id}
 
     for proxy in (first, second):
         streams = await get_json(proxy.url + "/streams?status=started")
         assert [(s["key"], s["clients"], s["container_id"]) for s in streams] == [
             (KEY, 3, "engine-a")
         ]
-        assert streams[0]["owner"] == first.server.worker_id
+        assert streams[0]["owner"] == first.registry.worker_id
     for player in players:
         player.disconnect()
 
@@ -316,12 +316,12 @@ async def test_killed_player_is_cleaned_up(redis_server, redis, tap, engine, pro
     await eventually(lambda: members(redis) == set(), what="the client gone from the set")
     await eventually(lambda: session_id in engine.engine.stopped, what="engine told to stop")
     assert reactor.seconds() - left_at >= TUNING["cleanup_grace"] - 0.05
-    await eventually(lambda: not proxy.server.sessions, what="session stopped")
+    await eventually(lambda: not proxy.registry.streams, what="session stopped")
     assert members(redis) == set()
     assert redis("EXISTS", keys.metadata(KEY)) == 0
     await eventually(lambda: redis.keys(keys.PREFIX + ":stream:*") == [], what="no stream key")
 
-    worker = proxy.server.worker_id
+    worker = proxy.registry.worker_id
     [connected] = await events.wait("client_connected")
     assert connected["client_id"] == client_id
     added = events.named("chunk_added")
@@ -359,12 +359,12 @@ async def test_stream_ends_when_the_last_player_of_any_worker_leaves(
     await on_follower.more(100 * PACKET_SIZE, timeout=5 * TUNING["cleanup_grace"] + 5)
     check_bytes(on_follower)
     assert engine.engine.stopped == []
-    assert owner.server.sessions[KEY].role is Role.OWNER
+    assert owner.registry.streams[KEY].role is Role.OWNER
 
     on_follower.disconnect()
     await eventually(lambda: session_id in engine.engine.stopped, what="engine told to stop")
     await eventually(
-        lambda: not owner.server.sessions and not follower.server.sessions, what="sessions stopped"
+        lambda: not owner.registry.streams and not follower.registry.streams, what="sessions stopped"
     )
     await eventually(lambda: redis.keys(keys.PREFIX + ":stream:*") == [], what="no stream key")
 

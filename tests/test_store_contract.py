@@ -216,10 +216,10 @@ async def test_every_method_returns_a_deferred(store):
         lambda: store.put_stream(KEY, {"status": "started"}),
         lambda: store.get_stream(KEY),
         lambda: store.list_streams(),
-        lambda: store.add_client(KEY, "c1", {"address": "a"}),
-        lambda: store.update_client(KEY, "c1", {"address": "b"}),
-        lambda: store.list_clients(KEY),
-        lambda: store.remove_client(KEY, "c1"),
+        lambda: store.add_player(KEY, "c1", {"address": "a"}),
+        lambda: store.update_player(KEY, "c1", {"address": "b"}),
+        lambda: store.list_players(KEY),
+        lambda: store.remove_player(KEY, "c1"),
         lambda: store.set_last_disconnect(KEY, 1.5),
         lambda: store.get_last_disconnect(KEY),
         lambda: store.acquire_owner(KEY),
@@ -301,8 +301,8 @@ async def fill(store, key: str) -> None:
     Give stream C{key} something of every kind the store keeps.
     """
     await store.put_stream(key, {"status": "started"})
-    await store.add_client(key, "c1", {"address": "127.0.0.1"})
-    await store.add_client(key, "c2", {"address": "127.0.0.2"})
+    await store.add_player(key, "c1", {"address": "127.0.0.1"})
+    await store.add_player(key, "c2", {"address": "127.0.0.2"})
     await store.set_last_disconnect(key, 3.25)
     for n in range(3):
         await append(store, key, bytes([0x47]) * 188)
@@ -316,13 +316,13 @@ async def test_delete_stream_forgets_everything(store, redis_server_or_none):
     await store.delete_stream(KEY)
 
     assert await store.get_stream(KEY) is None
-    assert await store.list_clients(KEY) == {}
+    assert await store.list_players(KEY) == {}
     assert await store.get_last_disconnect(KEY) is None
     assert await store.buffer.latest(KEY) == 0
     assert await chunks(store, KEY) == []
     assert await store.get_owner(KEY) is None
     assert [s["key"] for s in await store.list_streams()] == [OTHER_KEY]
-    assert len(await store.list_clients(OTHER_KEY)) == 2
+    assert len(await store.list_players(OTHER_KEY)) == 2
     assert await store.buffer.latest(OTHER_KEY) == 3
     if redis_server_or_none is not None:
         client = redis_server_or_none.client()
@@ -347,10 +347,10 @@ async def test_delete_stream_leaves_another_workers_lease(stores, store):
 
 @pytest_twisted.ensureDeferred
 async def test_add_and_list_clients(store):
-    assert await store.list_clients(KEY) == {}
-    await store.add_client(KEY, "c1", {"address": "127.0.0.1", "bytes_sent": 0})
-    await store.add_client(KEY, "c2", {"address": "127.0.0.2", "connected_at": 1.5})
-    clients = await store.list_clients(KEY)
+    assert await store.list_players(KEY) == {}
+    await store.add_player(KEY, "c1", {"address": "127.0.0.1", "bytes_sent": 0})
+    await store.add_player(KEY, "c2", {"address": "127.0.0.2", "connected_at": 1.5})
+    clients = await store.list_players(KEY)
     assert {cid: as_text(f) for cid, f in clients.items()} == {
         "c1": {"address": "127.0.0.1", "bytes_sent": "0"},
         "c2": {"address": "127.0.0.2", "connected_at": "1.5"},
@@ -363,50 +363,50 @@ async def test_add_client_again_replaces_its_fields(store):
     Adding is an upsert: the client is written whole, as the heartbeat
     round does to restore a client the store lost.
     """
-    await store.add_client(KEY, "c1", {"address": "a", "user_agent": "vlc"})
-    await store.add_client(KEY, "c1", {"address": "b"})
-    clients = await store.list_clients(KEY)
+    await store.add_player(KEY, "c1", {"address": "a", "user_agent": "vlc"})
+    await store.add_player(KEY, "c1", {"address": "b"})
+    clients = await store.list_players(KEY)
     assert list(clients) == ["c1"]
     assert as_text(clients["c1"]) == {"address": "b"}
 
 
 @pytest_twisted.ensureDeferred
 async def test_update_client_merges(store):
-    await store.add_client(KEY, "c1", {"address": "a", "bytes_sent": 0})
-    await store.update_client(KEY, "c1", {"bytes_sent": 188, "last_heartbeat": 2.5})
-    clients = await store.list_clients(KEY)
+    await store.add_player(KEY, "c1", {"address": "a", "bytes_sent": 0})
+    await store.update_player(KEY, "c1", {"bytes_sent": 188, "last_heartbeat": 2.5})
+    clients = await store.list_players(KEY)
     assert as_text(clients["c1"]) == {"address": "a", "bytes_sent": "188", "last_heartbeat": "2.5"}
 
 
 @pytest_twisted.ensureDeferred
 async def test_update_does_not_resurrect_a_removed_client(store):
-    await store.add_client(KEY, "c1", {"address": "a"})
-    await store.remove_client(KEY, "c1")
-    await store.update_client(KEY, "c1", {"bytes_sent": 188})
-    await store.update_client(KEY, "never-added", {"bytes_sent": 188})
-    assert await store.list_clients(KEY) == {}
+    await store.add_player(KEY, "c1", {"address": "a"})
+    await store.remove_player(KEY, "c1")
+    await store.update_player(KEY, "c1", {"bytes_sent": 188})
+    await store.update_player(KEY, "never-added", {"bytes_sent": 188})
+    assert await store.list_players(KEY) == {}
 
 
 @pytest_twisted.ensureDeferred
 async def test_remove_client_returns_how_many_are_left(store):
     for cid in ("c1", "c2", "c3"):
-        await store.add_client(KEY, cid, {"address": cid})
-    assert await store.remove_client(KEY, "c2") == 2
-    assert await store.remove_client(KEY, "c2") == 2
-    assert await store.remove_client(KEY, "unknown") == 2
-    assert sorted(await store.list_clients(KEY)) == ["c1", "c3"]
-    assert await store.remove_client(KEY, "c1") == 1
-    assert await store.remove_client(KEY, "c3") == 0
-    assert await store.list_clients(KEY) == {}
-    assert await store.remove_client(OTHER_KEY, "c1") == 0
+        await store.add_player(KEY, cid, {"address": cid})
+    assert await store.remove_player(KEY, "c2") == 2
+    assert await store.remove_player(KEY, "c2") == 2
+    assert await store.remove_player(KEY, "unknown") == 2
+    assert sorted(await store.list_players(KEY)) == ["c1", "c3"]
+    assert await store.remove_player(KEY, "c1") == 1
+    assert await store.remove_player(KEY, "c3") == 0
+    assert await store.list_players(KEY) == {}
+    assert await store.remove_player(OTHER_KEY, "c1") == 0
 
 
 @pytest_twisted.ensureDeferred
 async def test_clients_are_per_stream(store):
-    await store.add_client(KEY, "c1", {"address": "a"})
-    await store.add_client(OTHER_KEY, "c2", {"address": "b"})
-    assert list(await store.list_clients(KEY)) == ["c1"]
-    assert list(await store.list_clients(OTHER_KEY)) == ["c2"]
+    await store.add_player(KEY, "c1", {"address": "a"})
+    await store.add_player(OTHER_KEY, "c2", {"address": "b"})
+    assert list(await store.list_players(KEY)) == ["c1"]
+    assert list(await store.list_players(OTHER_KEY)) == ["c2"]
 
 
 @pytest_twisted.ensureDeferred
@@ -418,13 +418,13 @@ async def test_client_without_heartbeat_stays_listed_as_a_ghost(redis_stores):
     is Redis only.)
     """
     store = await redis_stores.make(ghost_client_timeout=0.3)
-    await store.add_client(KEY, "c1", {"address": "a", "last_heartbeat": 1.0})
+    await store.add_player(KEY, "c1", {"address": "a", "last_heartbeat": 1.0})
     await until(
-        lambda: store.list_clients(KEY), lambda found: found == {"c1": {}}, what="c1 to lose its fields"
+        lambda: store.list_players(KEY), lambda found: found == {"c1": {}}, what="c1 to lose its fields"
     )
-    await store.update_client(KEY, "c1", {"bytes_sent": 188})
-    assert await store.list_clients(KEY) == {"c1": {}}
-    assert await store.remove_client(KEY, "c1") == 0
+    await store.update_player(KEY, "c1", {"bytes_sent": 188})
+    assert await store.list_players(KEY) == {"c1": {}}
+    assert await store.remove_player(KEY, "c1") == 0
 
 
 # Last disconnect
@@ -538,7 +538,7 @@ async def test_buffer_delete_forgets_chunks_and_index_only(store):
     assert await store.buffer.latest(KEY) == 0
     assert await chunks(store, KEY) == []
     assert (await store.get_stream(KEY))["status"] == "started"
-    assert len(await store.list_clients(KEY)) == 2
+    assert len(await store.list_players(KEY)) == 2
     assert await store.get_last_disconnect(KEY) == 3.25
     assert await chunks(store, OTHER_KEY) == [(1, b"other")]
     assert await append(store, KEY, b"again") == 1

@@ -38,8 +38,8 @@ async def test_single_client(engine, proxy_factory):
     report = check_bytes(player)
     assert report.data_packets > 150
 
-    store = proxy.server.store
-    clients = await store.list_clients(KEY)
+    store = proxy.registry.store
+    clients = await store.list_players(KEY)
     assert len(clients) == 1
     meta = await store.get_stream(KEY)
     assert meta["status"] == "started"
@@ -75,7 +75,7 @@ async def test_three_clients_share_one_engine_session(engine, proxy_factory):
     assert len(engine.engine.getstream_calls) == 1
     assert len(engine.engine.sessions) == 1
     assert engine.engine.playback_connections == 1
-    assert len(await proxy.server.store.list_clients(KEY)) == 3
+    assert len(await proxy.registry.store.list_players(KEY)) == 3
 
     streams = await treq.json_content(await treq.get(proxy.url + "/streams?status=started"))
     assert len(streams) == 1
@@ -117,10 +117,10 @@ async def test_abrupt_disconnect_is_cleaned_up(engine, proxy_factory):
     session_id = next(iter(engine.engine.sessions))
     player.disconnect()
 
-    store = proxy.server.store
-    await eventually(lambda: not proxy.server.sessions, what="session stopped")
+    store = proxy.registry.store
+    await eventually(lambda: not proxy.registry.streams, what="session stopped")
     await eventually(lambda: session_id in engine.engine.stopped, what="engine told to stop")
-    assert await store.list_clients(KEY) == {}
+    assert await store.list_players(KEY) == {}
     assert await store.get_stream(KEY) is None
     assert await store.buffer.latest(KEY) == 0
     assert await store.get_last_disconnect(KEY) is None
@@ -135,7 +135,7 @@ async def test_player_back_within_grace_reuses_the_session(engine, proxy_factory
     first = await Player.open(proxy.stream_url(KEY))
     await first.wait_bytes(50 * PACKET_SIZE)
     first.disconnect()
-    await eventually(lambda: not proxy.server.sessions[KEY].players, what="player gone")
+    await eventually(lambda: not proxy.registry.streams[KEY].players, what="player gone")
     second = await Player.open(proxy.stream_url(KEY))
     await second.wait_bytes(50 * PACKET_SIZE)
     check_bytes(second)
@@ -227,7 +227,7 @@ async def test_head_starts_no_engine_session(engine, proxy_factory):
     assert response.code == 200
     assert response.headers.getRawHeaders("content-type") == ["video/mp2t"]
     assert engine.engine.getstream_calls == []
-    assert proxy.server.sessions == {}
+    assert proxy.registry.streams == {}
 
 
 @pytest_twisted.ensureDeferred

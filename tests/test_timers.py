@@ -38,16 +38,16 @@ def test_stream_stops_after_cleanup_grace():
     server, api, request = started_server(clock, cleanup_grace=5)
     assert verify(request.transport.value().split(b"\r\n")[1]).ok
     request.producer.stopProducing()  # the connection is lost
-    assert server.sessions[KEY].players == set()
+    assert server.streams[KEY].players == set()
 
     clock.advance(4.9)
-    assert KEY in server.sessions
+    assert KEY in server.streams
     assert api.stops == []
     store = server.store
     assert store.get_last_disconnect(KEY).result == 0.0
 
     clock.advance(0.2)
-    assert server.sessions == {}
+    assert server.streams == {}
     assert api.stops == ["session-1"]
     assert store.list_streams().result == []
     assert store.get_last_disconnect(KEY).result is None
@@ -62,7 +62,7 @@ def test_player_back_within_grace_keeps_the_stream():
     assert attached.called
     assert server.store.get_last_disconnect(KEY).result is None
     clock.advance(30)
-    assert KEY in server.sessions
+    assert KEY in server.streams
     assert api.stops == []
     assert len(api.getstreams) == 1
 
@@ -70,11 +70,11 @@ def test_player_back_within_grace_keeps_the_stream():
 def test_heartbeats_refresh_players_that_make_progress():
     clock = Clock()
     server, api, request = started_server(clock, heartbeat_interval=10, ghost_client_timeout=50)
-    client_id = next(iter(server.store.list_clients(KEY).result))
+    client_id = next(iter(server.store.list_players(KEY).result))
     clock.advance(10)
     api.readers[0].dataReceived(packets(50, 10))
     clock.advance(10)
-    client = server.store.list_clients(KEY).result[client_id]
+    client = server.store.list_players(KEY).result[client_id]
     assert client["last_heartbeat"] == 20
     assert client["bytes_sent"] == 60 * 188
 
@@ -96,14 +96,14 @@ def test_ghost_client_is_removed_and_disconnected():
     for second in range(10, 70, 10):
         clock.advance(10)
         api.readers[0].dataReceived(packets(50 + second, 10))
-    assert len(server.store.list_clients(KEY).result) == 2
+    assert len(server.store.list_players(KEY).result) == 2
     assert not ghost.transport.disconnecting
 
     clock.advance(10)
-    clients = server.store.list_clients(KEY).result
+    clients = server.store.list_players(KEY).result
     assert len(clients) == 1
     assert ghost.transport.disconnecting
-    assert len(server.sessions[KEY].players) == 1
+    assert len(server.streams[KEY].players) == 1
     assert not healthy.transport.disconnecting
 
 
@@ -121,7 +121,7 @@ def test_player_whose_socket_stays_full_is_dropped_after_write_timeout():
     assert not stuck.transport.disconnecting
     clock.advance(1)
     assert stuck.transport.disconnecting
-    assert len(server.sessions[KEY].players) == 1
+    assert len(server.streams[KEY].players) == 1
     assert not healthy.transport.disconnecting
 
 
@@ -139,7 +139,7 @@ def test_first_byte_timeout_fails_players_and_cleans_up():
         failure = attached.result
         attached.addErrback(lambda f: None)
         assert failure.check(EngineTimeout)
-    assert server.sessions == {}
+    assert server.streams == {}
     assert api.stops == ["session-1"]
     assert server.store.list_streams().result == []
 
@@ -149,7 +149,7 @@ def test_engine_probes_mark_health():
     api = FakeEngineAPI(healthy=False)
     server = make_server(clock, api, probe_interval=30)
     server.startService()
-    engine = server.registry.engines[0]
+    engine = server.engines.engines[0]
     assert engine.healthy is False
     api.healthy = True
     clock.advance(29)

@@ -121,24 +121,24 @@ async def test_two_workers_share_one_engine_session(engine, redis_server, worker
     await owner_player.more(300 * PACKET_SIZE)
     check(owner_player)
     check(follower_player)
-    assert first.server.sessions[KEY].role is Role.OWNER
-    assert second.server.sessions[KEY].role is Role.FOLLOWER
+    assert first.registry.streams[KEY].role is Role.OWNER
+    assert second.registry.streams[KEY].role is Role.FOLLOWER
     assert engine.engine.getstream_calls == [("id", KEY)]
     assert len(engine.engine.sessions) == 1
     assert engine.engine.playback_connections == 1
     client = redis_server.client()
-    assert client("GET", redis_keys.owner(KEY)) == first.server.worker_id.encode()
-    assert len(await first.server.store.list_clients(KEY)) == 2
+    assert client("GET", redis_keys.owner(KEY)) == first.registry.worker_id.encode()
+    assert len(await first.registry.store.list_players(KEY)) == 2
 
     # The follower's last player leaves: it stops following (no timer of
     # its session is left), and the owner's player streams on.
-    following = second.server.sessions[KEY]
+    following = second.registry.streams[KEY]
     follower_player.disconnect()
-    await eventually(lambda: KEY not in second.server.sessions, what="the follower stopped")
+    await eventually(lambda: KEY not in second.registry.streams, what="the follower stopped")
     assert session_timers(following) == []
     await owner_player.more(300 * PACKET_SIZE)
     check(owner_player)
-    assert members(client) == [next(iter(first.server.sessions[KEY].players)).client.id]
+    assert members(client) == [next(iter(first.registry.streams[KEY].players)).info.id]
 
 
 # --- Redis work grows with chunks, not with players ------------------------------
@@ -193,7 +193,7 @@ async def heartbeat_round(client, proxy) -> dict:
     """
     The Redis commands of one round of the worker's client heartbeats.
     """
-    supervisor = proxy.server.supervisor
+    supervisor = proxy.registry.supervisor
     before = command_counts(client)
     await supervisor.tick()
     after = command_counts(client)
@@ -222,8 +222,8 @@ async def test_redis_commands_do_not_grow_with_players(redis_server, workers):
     client = redis_server.client()
     await join(first, 1)
     await join(second, 1)
-    owner_session = first.server.sessions[KEY]
-    assert second.server.sessions[KEY].role is Role.FOLLOWER
+    owner_session = first.registry.streams[KEY]
+    assert second.registry.streams[KEY].role is Role.FOLLOWER
 
     one, one_detail = await commands_per_chunk(client, owner_session)
     one_round = await heartbeat_round(client, second)
@@ -270,7 +270,7 @@ async def test_owner_shutting_down_hands_the_stream_over(engine, redis_server, w
     await player.wait_bytes(200 * PACKET_SIZE)
     (session_id,) = engine.engine.sessions
     index = buffer_index(client)
-    handing_over = first.server.sessions[KEY]
+    handing_over = first.registry.streams[KEY]
 
     await first.service.stopService()
     assert await owner_player.ended.addTimeout(5, reactor) is True
@@ -278,11 +278,11 @@ async def test_owner_shutting_down_hands_the_stream_over(engine, redis_server, w
     assert client("EXISTS", redis_keys.metadata(KEY)) == 1
     assert session_timers(handing_over) == []
 
-    session = second.server.sessions[KEY]
+    session = second.registry.streams[KEY]
     await eventually(lambda: session.role is Role.OWNER, what="the takeover")
     await player.more(300 * PACKET_SIZE)
     check(player, allowed_jumps=1)
-    assert client("GET", redis_keys.owner(KEY)) == second.server.worker_id.encode()
+    assert client("GET", redis_keys.owner(KEY)) == second.registry.worker_id.encode()
     assert buffer_index(client) > index
     assert list(engine.engine.sessions) == [session_id]
     assert engine.engine.stopped == []
@@ -294,9 +294,9 @@ async def test_owner_shutting_down_hands_the_stream_over(engine, redis_server, w
 
 def client_ids(*proxies) -> set[str]:
     return {
-        producer.client.id
+        producer.info.id
         for proxy in proxies
-        for session in proxy.server.sessions.values()
+        for session in proxy.registry.streams.values()
         for producer in session.players
     }
 
@@ -327,7 +327,7 @@ async def test_redis_restarted_mid_stream(engine, redis_server, workers):
     health = await eventually_json(first.url + "/health", 503)
     assert (health["status"], health["redis"]) == ("degraded", "down"), health
     await owner_player.more(500 * PACKET_SIZE, timeout=3)
-    assert first.server.sessions[KEY].role is Role.OWNER
+    assert first.registry.streams[KEY].role is Role.OWNER
 
     redis_server.start()
     for proxy in (first, second):
@@ -345,13 +345,13 @@ async def test_redis_restarted_mid_stream(engine, redis_server, workers):
     check(late_player)
 
     meta = await eventually(lambda: stream_meta(client), what="the metadata written again")
-    assert meta["owner"] == first.server.worker_id, meta
-    assert client("GET", redis_keys.owner(KEY)) == first.server.worker_id.encode()
+    assert meta["owner"] == first.registry.worker_id, meta
+    assert client("GET", redis_keys.owner(KEY)) == first.registry.worker_id.encode()
     live = client_ids(first, second)
     await eventually(lambda: set(members(client)) == live, what="the clients written again")
     assert only_live_keys(client, live)
     assert len(engine.engine.sessions) == 1, engine.engine.state()
-    sessions = [first.server.sessions[KEY], second.server.sessions[KEY]]
+    sessions = [first.registry.streams[KEY], second.registry.streams[KEY]]
 
     for player in (owner_player, follower_player, late_player):
         player.disconnect()

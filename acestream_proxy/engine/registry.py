@@ -63,7 +63,7 @@ class EngineRegistry:
     """
     The configured engines, probed with the engine API's C{get_version}:
     L{probe} runs every C{probe_interval} seconds, from a L{TimerService} of
-    the proxy's (see L{acestream_proxy.server.ProxyServer}).
+    the proxy's (see L{acestream_proxy.server.StreamRegistry}).
     """
 
     log = Logger()

@@ -14,10 +14,11 @@ from klein import Klein
 from klein.resource import KleinResource
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.server import Site
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ..errors import BadRequest, Forbidden, ProxyError, Unauthorized
-from ..stream.registry import ProxyServer
+from ..stream.registry import StreamRegistry
 
 _HASH = re.compile(r"[0-9a-fA-F]{40}")
 _KEY_PARAMS = ("id", "infohash")
@@ -58,7 +59,7 @@ def json_body(request, value, code: int = 200) -> bytes:
 @attrs.define(eq=False)
 class ProxyWeb:
     """
-    The routes, bound to one L{ProxyServer}.
+    The routes, bound to one L{StreamRegistry}.
     """
 
     app = Klein()
@@ -68,7 +69,7 @@ class ProxyWeb:
     app.url_map.merge_slashes = False
     log = Logger()
 
-    server: ProxyServer
+    server: StreamRegistry
     admin_token: str | None = None
 
     def resource(self):
@@ -163,6 +164,15 @@ class ProxyWeb:
     def unexpected_error(self, request, failure: Failure):
         self.log.failure("unexpected error answering {uri}", failure, uri=request.uri)
         return json_body(request, {"error": "internal error"}, 500)
+
+
+def make_site(streams: StreamRegistry, config) -> Site:
+    """
+    The HTTP site of a worker: its routes, and no traceback ever shown.
+    """
+    site = Site(ProxyWeb(streams, config.admin_token).resource())
+    site.displayTracebacks = False
+    return site
 
 
 class _Routes(KleinResource):

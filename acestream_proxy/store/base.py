@@ -49,28 +49,28 @@ class Store(Protocol):
         Forget everything about stream C{key}: metadata, clients, buffer.
         """
 
-    def add_client(self, key: str, client_id: str, fields: Fields) -> Deferred[None]:
+    def add_player(self, key: str, client_id: str, fields: Fields) -> Deferred[None]:
         """
         Register a client of stream C{key}.
         """
 
-    def update_client(self, key: str, client_id: str, fields: Fields) -> Deferred[None]:
+    def update_player(self, key: str, client_id: str, fields: Fields) -> Deferred[None]:
         """
         Merge C{fields} into a registered client; a client that is no longer
         registered stays gone.
         """
 
-    def remove_client(self, key: str, client_id: str) -> Deferred[int]:
+    def remove_player(self, key: str, client_id: str) -> Deferred[int]:
         """
         Unregister a client; fire with how many clients the stream has left.
         """
 
-    def list_clients(self, key: str) -> Deferred[dict[str, dict]]:
+    def list_players(self, key: str) -> Deferred[dict[str, dict]]:
         """
         Fire with every client of stream C{key}, by client id.
         """
 
-    def count_clients(self, key: str) -> Deferred[int]:
+    def count_players(self, key: str) -> Deferred[int]:
         """
         Fire with how many clients stream C{key} has, every worker's: a
         cheap count, for limits checked on every join.

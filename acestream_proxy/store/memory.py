@@ -144,25 +144,25 @@ class MemoryStore:
         self._last_disconnect.pop(key, None)
         return self.buffer.delete(key)
 
-    def add_client(self, key: str, client_id: str, fields: Fields) -> Deferred[None]:
+    def add_player(self, key: str, client_id: str, fields: Fields) -> Deferred[None]:
         self._clients.setdefault(key, {})[client_id] = _plain(fields)
         return succeed(None)
 
-    def update_client(self, key: str, client_id: str, fields: Fields) -> Deferred[None]:
+    def update_player(self, key: str, client_id: str, fields: Fields) -> Deferred[None]:
         client = self._clients.get(key, {}).get(client_id)
         if client is not None:
             client.update(_plain(fields))
         return succeed(None)
 
-    def remove_client(self, key: str, client_id: str) -> Deferred[int]:
+    def remove_player(self, key: str, client_id: str) -> Deferred[int]:
         clients = self._clients.get(key, {})
         clients.pop(client_id, None)
         return succeed(len(clients))
 
-    def count_clients(self, key: str) -> Deferred[int]:
+    def count_players(self, key: str) -> Deferred[int]:
         return succeed(len(self._clients.get(key, {})))
 
-    def list_clients(self, key: str) -> Deferred[dict[str, dict]]:
+    def list_players(self, key: str) -> Deferred[dict[str, dict]]:
         clients = self._clients.get(key, {})
         return succeed({cid: dict(fields) for cid, fields in clients.items()})
 

@@ -525,26 +525,26 @@ class RedisStore(Service):
 
     # Clients
 
-    def add_client(self, key: str, client_id: str, fields: Fields) -> Deferred[None]:
+    def add_player(self, key: str, client_id: str, fields: Fields) -> Deferred[None]:
         return self._script(
             _ADD_CLIENT,
             [keys.clients(key), keys.client(key, client_id)],
             [int(self.ghost_client_timeout * 1000), self.stream_ttl_ms, client_id, *_flatten(fields)],
         ).addCallback(lambda _: None)
 
-    def update_client(self, key: str, client_id: str, fields: Fields) -> Deferred[None]:
+    def update_player(self, key: str, client_id: str, fields: Fields) -> Deferred[None]:
         return self._script(
             _UPDATE_CLIENT,
             [keys.client(key, client_id)],
             [int(self.ghost_client_timeout * 1000), *_flatten(fields)],
         ).addCallback(lambda _: None)
 
-    def remove_client(self, key: str, client_id: str) -> Deferred[int]:
+    def remove_player(self, key: str, client_id: str) -> Deferred[int]:
         return self._script(
             _REMOVE_CLIENT, [keys.clients(key), keys.client(key, client_id)], [client_id]
         ).addCallback(int)
 
-    def list_clients(self, key: str) -> Deferred[dict[str, dict]]:
+    def list_players(self, key: str) -> Deferred[dict[str, dict]]:
         """
         Every member of the clients set; a member whose hash has expired (its
         worker stopped heartbeating it) comes with no fields, and so with no
@@ -558,7 +558,7 @@ class RedisStore(Service):
             parse
         )
 
-    def count_clients(self, key: str) -> Deferred[int]:
+    def count_players(self, key: str) -> Deferred[int]:
         return self._call("SCARD", keys.clients(key)).addCallback(int)
 
     def set_last_disconnect(self, key: str, when: float | None) -> Deferred[None]:

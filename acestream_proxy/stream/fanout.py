@@ -11,7 +11,7 @@ from .window import Chunk, ChunkWindow
 
 
 @attrs.define(eq=False)
-class BufferFollower:
+class FanOut:
     """
     @ivar window: the chunks players may still read.
     @ivar join_chunks: how far behind the live edge a new player starts, so

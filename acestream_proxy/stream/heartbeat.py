@@ -18,26 +18,26 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from ..constants import ClientField
+from ..constants import PlayerField
 from ..errors import Unavailable
 from ..store.base import Store
 from .stream import Role
 
 
 @attrs.define(eq=False)
-class ClientSupervisor:
+class PlayerHeartbeats:
     """
     Its L{tick} runs every C{heartbeat_interval}, from a L{TimerService} of
     the proxy's.
 
-    @ivar sessions: returns the worker's live stream sessions.
+    @ivar streams: returns the worker's live stream streams.
     """
 
     log = Logger()
 
     store: Store
     clock: object
-    sessions: Callable[[], Iterable]
+    streams: Callable[[], Iterable]
     heartbeat_interval: float
     ghost_client_timeout: float
     _progress: dict = attrs.field(factory=dict, init=False)
@@ -63,48 +63,48 @@ class ClientSupervisor:
             return
         now = self.clock.seconds()
         progress = {}
-        for session in list(self.sessions()):
-            for producer in list(session.players):
-                cid = producer.client.id
+        for stream in list(self.streams()):
+            for producer in list(stream.players):
+                cid = producer.info.id
                 progress[cid] = producer.bytes_sent
                 moved = self._progress.get(cid, 0) != producer.bytes_sent
                 if moved or not producer.paused:
                     # Written whole, so that a store that lost the client
                     # (Redis restarted empty) has it again.
-                    await self.store.add_client(session.key, cid, session.client_fields(producer))
+                    await self.store.add_player(stream.key, cid, stream.player_fields(producer))
                     self._beats[cid] = now
-            self._drop_ghosts(session, now)
-            if session.role is Role.OWNER:
-                await self._remove_ghosts(session, now)
-            await session.refresh()
+            self._drop_ghosts(stream, now)
+            if stream.role is Role.OWNER:
+                await self._remove_ghosts(stream, now)
+            await stream.refresh()
         self._progress = progress
         self._beats = {cid: beat for cid, beat in self._beats.items() if cid in progress}
 
-    def _drop_ghosts(self, session, now: float) -> None:
+    def _drop_ghosts(self, stream, now: float) -> None:
         """
         Drop this worker's players whose last heartbeat (the one written
         when they joined, if none since) is too old; leaving, each removes
         its client from the store.
         """
         oldest = now - self.ghost_client_timeout
-        for producer in list(session.players):
-            client = producer.client
+        for producer in list(stream.players):
+            client = producer.info
             if self._beats.get(client.id, client.connected_at) < oldest:
-                self._ghost(client.id, session.key)
+                self._ghost(client.id, stream.key)
                 producer.abort()
 
-    async def _remove_ghosts(self, session, now: float) -> None:
+    async def _remove_ghosts(self, stream, now: float) -> None:
         """
         The owner removes the clients other workers stopped heartbeating.
         """
-        clients = await self.store.list_clients(session.key)
+        clients = await self.store.list_players(stream.key)
         oldest = now - self.ghost_client_timeout
         for cid, fields in clients.items():
-            if float(fields.get(ClientField.LAST_HEARTBEAT, 0)) >= oldest:
+            if float(fields.get(PlayerField.LAST_HEARTBEAT, 0)) >= oldest:
                 continue
-            if session.player(cid) is None:
-                self._ghost(cid, session.key)
-                await self.store.remove_client(session.key, cid)
+            if stream.player(cid) is None:
+                self._ghost(cid, stream.key)
+                await self.store.remove_player(stream.key, cid)
 
     def _ghost(self, client_id: str, key: str) -> None:
         self.log.warn(

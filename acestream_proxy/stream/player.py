@@ -1,6 +1,6 @@
 """
 One player's end of a stream: an L{IPushProducer} registered on its request,
-fed from the stream's L{BufferFollower}.
+fed from the stream's L{FanOut}.
 
 A player that keeps up is on the follower's live list and gets each chunk the
 moment it arrives.  When its socket fills, the transport pauses it; on resume
@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .fanout import BufferFollower
+from .fanout import FanOut
 from .sendpath import direct_writer
 from .window import Chunk
 
@@ -31,7 +31,7 @@ PLAYER_BUFFER_SIZE = 1
 
 
 @attrs.frozen
-class ClientInfo:
+class PlayerInfo:
     """
     Who a player is; fixed for its connection's life.
     """
@@ -45,7 +45,7 @@ class ClientInfo:
 
 @implementer(IPushProducer)
 @attrs.define(eq=False)
-class ClientProducer:
+class PlayerProducer:
     """
     @ivar done: fires when the player's response should end: with L{None}
         when the stream ended, after the final chunk.  Cancelling it (the web
@@ -56,10 +56,10 @@ class ClientProducer:
 
     log = Logger()
 
-    client: ClientInfo
-    follower: BufferFollower
+    info: PlayerInfo
+    follower: FanOut
     request: object
-    on_detach: Callable[["ClientProducer"], None]
+    on_detach: Callable[["PlayerProducer"], None]
     clock: object = None
     write_timeout: float | None = None
     position: int | None = None
@@ -122,9 +122,9 @@ class ClientProducer:
                     self.skips += 1
                     self.position = window.next_index - 1
                     self.log.info(
-                        "client {client} of {key} fell behind; skipped to live",
-                        client=self.client.id,
-                        key=self.client.key,
+                        "player {player} of {key} fell behind; skipped to live",
+                        player=self.info.id,
+                        key=self.info.key,
                     )
                     continue
                 self.follower.go_live(self)
@@ -166,9 +166,9 @@ class ClientProducer:
         """
         self._stall = None
         self.log.warn(
-            "client {client} of {key} read nothing for {timeout}s; disconnecting it",
-            client=self.client.id,
-            key=self.client.key,
+            "player {player} of {key} read nothing for {timeout}s; disconnecting it",
+            player=self.info.id,
+            key=self.info.key,
             timeout=self.write_timeout,
         )
         self.abort()

@@ -1,5 +1,5 @@
 """
-The worker's streams: one L{StreamSession} per stream key however many
+The worker's streams: one L{Stream} per stream key however many
 players ask for it, the engine chosen for each new stream, and the
 inspection data the web API shows.
 """
@@ -15,14 +15,14 @@ from twisted.internet.defer import Deferred, DeferredList, DeferredLock
 from twisted.logger import Logger
 
 from ..config import Tuning
-from ..constants import ACTIVE_STATES, ClientField, Meta
+from ..constants import ACTIVE_STATES, Meta, PlayerField
 from ..engine.api import EngineAPI
 from ..engine.registry import Engine, EngineRegistry
 from ..errors import NoEngine, NotFound, Unavailable
 from ..store.base import Store
-from .heartbeat import ClientSupervisor
-from .player import ClientInfo
-from .stream import Role, StreamSession
+from .heartbeat import PlayerHeartbeats
+from .player import PlayerInfo
+from .stream import Role, Stream
 
 #: Seconds a shutdown waits for players' last bytes to leave.
 SHUTDOWN_DRAIN = 5.0
@@ -35,36 +35,36 @@ SHUTDOWN_RETRY_AFTER = 5
 
 
 @attrs.define(eq=False)
-class ProxyServer(MultiService):
+class StreamRegistry(MultiService):
     """
-    Owns the stream sessions of this worker and the services that keep them
+    Owns the stream streams of this worker and the services that keep them
     healthy (engine probes, client heartbeats).
     """
 
     log = Logger()
 
     store: Store
-    registry: EngineRegistry
+    engines: EngineRegistry
     api: EngineAPI
     clock: object
     tuning: Tuning
     worker_id: str = attrs.field(factory=lambda: uuid.uuid4().hex[:12])
-    sessions: dict = attrs.field(factory=dict, init=False)
+    streams: dict = attrs.field(factory=dict, init=False)
     accepting: bool = attrs.field(default=True, init=False)
-    supervisor: ClientSupervisor = attrs.field(init=False)
+    supervisor: PlayerHeartbeats = attrs.field(init=False)
     _stopping: dict = attrs.field(factory=dict, init=False)
     _create_lock: DeferredLock = attrs.field(factory=DeferredLock, init=False)
 
     def __attrs_post_init__(self) -> None:
         MultiService.__init__(self)
-        self.supervisor = supervisor = ClientSupervisor(
+        self.supervisor = supervisor = PlayerHeartbeats(
             self.store,
             self.clock,
-            lambda: self.sessions.values(),
+            lambda: self.streams.values(),
             self.tuning.heartbeat_interval,
             self.tuning.ghost_client_timeout,
         )
-        self._every(self.tuning.probe_interval, self.registry.probe)
+        self._every(self.tuning.probe_interval, self.engines.probe)
         self._every(self.tuning.heartbeat_interval, supervisor.tick)
 
     def _every(self, interval: float, call) -> None:
@@ -80,60 +80,60 @@ class ProxyServer(MultiService):
     async def attach(self, key: str, param: str, request) -> Deferred:
         """
         Attach the player of C{request} to stream C{key}, starting the stream
-        if this worker has no session for it.  Fire with a L{Deferred} that
+        if this worker has no stream for it.  Fire with a L{Deferred} that
         fires when the player's response should end.
         """
         if not self.accepting:
             raise Unavailable("the proxy is shutting down", retry_after=SHUTDOWN_RETRY_AFTER)
         self._check_max_clients()
-        session = self.sessions.get(key)
-        if session is None:
-            session = await self._create(key, param)
-        await session.wait_ready()
-        registered = await self.store.count_clients(key)
-        # Nothing may wait between here and add_player: the session could
+        stream = self.streams.get(key)
+        if stream is None:
+            stream = await self._create(key, param)
+        await stream.wait_ready()
+        registered = await self.store.count_players(key)
+        # Nothing may wait between here and add_player: the stream could
         # stop in between, and the players that waited for the stream to
         # start with this one could take the last places.
-        if self.sessions.get(key) is not session:
+        if self.streams.get(key) is not stream:
             raise Unavailable(f"stream {key} stopped", retry_after=LIMIT_RETRY_AFTER)
         self._check_max_clients()
         # This worker's players are counted here and now; the store's count
         # of them may lag (their registration is not awaited).
-        if max(registered, len(session.players)) >= self.tuning.max_clients_per_stream:
+        if max(registered, len(stream.players)) >= self.tuning.max_clients_per_stream:
             raise Unavailable("too many players on this stream", retry_after=LIMIT_RETRY_AFTER)
         address = request.getClientAddress()
-        client = ClientInfo(
+        client = PlayerInfo(
             id=uuid.uuid4().hex,
             key=key,
             address=getattr(address, "host", str(address)),
             user_agent=(request.getHeader(b"user-agent") or b"").decode("latin-1")[:256],
             connected_at=self.clock.seconds(),
         )
-        return session.add_player(client, request).done
+        return stream.add_player(client, request).done
 
     def _check_max_clients(self) -> None:
-        if sum(len(s.players) for s in self.sessions.values()) >= self.tuning.max_clients:
+        if sum(len(s.players) for s in self.streams.values()) >= self.tuning.max_clients:
             raise Unavailable("too many players on this proxy", retry_after=LIMIT_RETRY_AFTER)
 
     async def _check_max_streams(self, key: str) -> None:
         """
         Refuse a new stream past C{max_streams}.  A stream that another
-        worker plays is no new stream: joining it costs no engine session.
-        This worker's sessions count even before their metadata is stored.
+        worker plays is no new stream: joining it costs no engine stream.
+        This worker's streams count even before their metadata is stored.
         """
         streams = await self.store.list_streams()
         active = {s.get(Meta.KEY) for s in streams if s.get(Meta.STATE) in ACTIVE_STATES}
-        active.update(self.sessions)
+        active.update(self.streams)
         if key not in active and len(active) >= self.tuning.max_streams:
             raise Unavailable("too many streams", retry_after=LIMIT_RETRY_AFTER)
 
-    async def _create(self, key: str, param: str) -> StreamSession:
+    async def _create(self, key: str, param: str) -> Stream:
         """
-        Start this worker's session of stream C{key}: as its owner when the
-        owner lease is free (choosing an engine, or taking over the session a
+        Start this worker's stream of stream C{key}: as its owner when the
+        owner lease is free (choosing an engine, or taking over the stream a
         previous owner left), else as a follower of the owner's buffer.
         Creations are serialised so that simultaneous requests for one key
-        make one session, and simultaneous new streams see each other's load
+        make one stream, and simultaneous new streams see each other's load
         and count towards C{max_streams}.
         """
         earlier = self._stopping.get(key)
@@ -142,9 +142,9 @@ class ProxyServer(MultiService):
             await _settled(earlier)
         await self._create_lock.acquire()
         try:
-            session = self.sessions.get(key)
-            if session is not None:
-                return session
+            stream = self.streams.get(key)
+            if stream is not None:
+                return stream
             await self._check_max_streams(key)
             owner = await self.store.acquire_owner(key)
             takeover = await self.store.get_stream(key) if owner else None
@@ -155,7 +155,7 @@ class ProxyServer(MultiService):
                 except NoEngine:
                     await self.store.release_owner(key)
                     raise
-            session = StreamSession(
+            stream = Stream(
                 key=key,
                 param=param,
                 role=Role.OWNER if owner else Role.FOLLOWER,
@@ -165,28 +165,28 @@ class ProxyServer(MultiService):
                 tuning=self.tuning,
                 worker_id=self.worker_id,
                 choose_engine=self.choose_engine,
-                find_engine=self.registry.by_id,
-                on_stopping=self._session_stopping,
+                find_engine=self.engines.by_id,
+                on_stopping=self._stream_stopping,
                 engine=engine,
             )
-            self.sessions[key] = session
+            self.streams[key] = stream
             self.log.info(
                 "stream {key}: starting as {role}{on}",
                 key=key,
-                role=session.role.value,
+                role=stream.role.value,
                 on=f" on engine {engine.id}" if engine else "",
             )
-            session.start(takeover)
-            return session
+            stream.start(takeover)
+            return stream
         finally:
             self._create_lock.release()
 
     async def choose_engine(self, exclude: Collection[str] = ()) -> Engine:
         """
-        The engine for a new playback session, by the selection rule,
+        The engine for a new playback stream, by the selection rule,
         avoiding the engines in C{exclude} while others are healthy.
         """
-        engine = self.registry.select(await self.engine_loads(), exclude)
+        engine = self.engines.select(await self.engine_loads(), exclude)
         if engine is None:
             raise NoEngine("no healthy engine is available")
         return engine
@@ -203,19 +203,19 @@ class ProxyServer(MultiService):
     # Stopping streams
 
     def stop_stream(self, key: str, why: str) -> Deferred:
-        session = self.sessions.get(key)
-        if session is None:
+        stream = self.streams.get(key)
+        if stream is None:
             raise NotFound(f"no stream {key}")
-        return session.stop(why)
+        return stream.stop(why)
 
-    def _session_stopping(self, session: StreamSession, stopped: Deferred) -> None:
+    def _stream_stopping(self, stream: Stream, stopped: Deferred) -> None:
         """
-        A session began to stop: new players of its key get a new session,
+        A stream began to stop: new players of its key get a new stream,
         which starts once this one's cleanup is done.
         """
-        key = session.key
-        if self.sessions.get(key) is session:
-            del self.sessions[key]
+        key = stream.key
+        if self.streams.get(key) is stream:
+            del self.streams[key]
         self._stopping[key] = stopped
 
         def forget(result):
@@ -234,12 +234,12 @@ class ProxyServer(MultiService):
         self.accepting = False
         transports = [
             player.request.transport
-            for session in self.sessions.values()
-            for player in session.players
+            for stream in self.streams.values()
+            for player in stream.players
         ]
-        sessions = list(self.sessions.values())
+        streams = list(self.streams.values())
         d = DeferredList(
-            [Deferred.fromCoroutine(self._shut_down(s)) for s in sessions]
+            [Deferred.fromCoroutine(self._shut_down(s)) for s in streams]
             + list(self._stopping.values()),
             consumeErrors=True,
         )
@@ -247,26 +247,26 @@ class ProxyServer(MultiService):
         d.addCallback(lambda _: MultiService.stopService(self))
         return d
 
-    async def _shut_down(self, session: StreamSession) -> None:
+    async def _shut_down(self, stream: Stream) -> None:
         """
         Stop one stream for shutdown; an owner whose stream still has players
         on other workers hands it over instead of ending it.
         """
         handover = False
         if (
-            session.role is Role.OWNER
-            and session.live
+            stream.role is Role.OWNER
+            and stream.live
             and self.store.available
         ):
             try:
-                clients = await self.store.list_clients(session.key)
+                clients = await self.store.list_players(stream.key)
             except Unavailable:
                 clients = {}
             handover = any(
-                fields.get(ClientField.WORKER) not in (None, self.worker_id)
+                fields.get(PlayerField.WORKER) not in (None, self.worker_id)
                 for fields in clients.values()
             )
-        await session.stop("shutting down", handover=handover)
+        await stream.stop("shutting down", handover=handover)
 
     def _close(self, transports: list) -> Deferred:
         """
@@ -311,7 +311,7 @@ class ProxyServer(MultiService):
         if meta is None:
             raise NotFound(f"no stream {key}")
         described = await self._describe(meta)
-        clients = await self.store.list_clients(key)
+        clients = await self.store.list_players(key)
         described["clients"] = [
             {
                 field: _number(value) if field in _NUMERIC_CLIENT_FIELDS else value
@@ -323,8 +323,8 @@ class ProxyServer(MultiService):
 
     async def _describe(self, meta: dict) -> dict:
         key = meta[Meta.KEY]
-        session = self.sessions.get(key)
-        clients = await self.store.list_clients(key)
+        stream = self.streams.get(key)
+        clients = await self.store.list_players(key)
         described = {
             "key": key,
             "status": meta.get(Meta.STATE),
@@ -339,14 +339,14 @@ class ProxyServer(MultiService):
             "reconnects": _number(meta.get(Meta.RECONNECTS)) or 0,
             "buffer_index": await self.store.buffer.latest(key),
         }
-        if session is not None and session.role is Role.OWNER:
-            described["bytes_in"] = session.bytes_in
-            described["last_data_at"] = session.last_data_at
+        if stream is not None and stream.role is Role.OWNER:
+            described["bytes_in"] = stream.bytes_in
+            described["last_data_at"] = stream.last_data_at
         return described
 
     async def describe_engines(self) -> list[dict]:
         loads = await self.engine_loads()
-        return [engine.describe(loads.get(engine.id, 0)) for engine in self.registry.engines]
+        return [engine.describe(loads.get(engine.id, 0)) for engine in self.engines.engines]
 
     def describe_health(self) -> dict:
         """
@@ -357,9 +357,9 @@ class ProxyServer(MultiService):
         health = {
             "status": "ok" if self.accepting and store_up else "stopping" if not self.accepting else "degraded",
             "worker_id": self.worker_id,
-            "streams": len(self.sessions),
-            "clients": sum(len(s.players) for s in self.sessions.values()),
-            "engines_healthy": sum(1 for e in self.registry.engines if e.healthy),
+            "streams": len(self.streams),
+            "clients": sum(len(s.players) for s in self.streams.values()),
+            "engines_healthy": sum(1 for e in self.engines.engines if e.healthy),
             "store": self.store.kind,
         }
         if self.store.kind == "redis":
@@ -369,7 +369,7 @@ class ProxyServer(MultiService):
 
 #: Client fields shown as numbers whichever store kept them.
 _NUMERIC_CLIENT_FIELDS = frozenset(
-    {ClientField.CONNECTED_AT, ClientField.LAST_HEARTBEAT, ClientField.BYTES_SENT, ClientField.SKIPS}
+    {PlayerField.CONNECTED_AT, PlayerField.LAST_HEARTBEAT, PlayerField.BYTES_SENT, PlayerField.SKIPS}
 )
 
 

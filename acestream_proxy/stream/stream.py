@@ -35,15 +35,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..config import Tuning
-from ..constants import ClientField, Event, Meta, StreamState
+from ..constants import Event, Meta, PlayerField, StreamState
 from ..engine.api import EngineAPI, Playback
 from ..engine.reader import EngineReader
 from ..engine.registry import Engine
 from ..errors import EngineError, EngineTimeout, ProxyError, Unavailable
 from ..store.base import Store
-from .fanout import BufferFollower
+from .fanout import FanOut
 from .health import Backoff, Health, Verdict, check_interval, judge_silence
-from .player import ClientInfo, ClientProducer
+from .player import PlayerInfo, PlayerProducer
 from .window import Chunk, ChunkWindow, frame
 
 #: Chunks that may wait for the store before the engine's transport is paused.
@@ -67,7 +67,7 @@ class Role(StrEnum):
 
 
 @attrs.define(eq=False)
-class StreamSession:
+class Stream:
     """
     @ivar param: the query parameter name the first player used (C{infohash}
         or C{id}); the engine is asked with the same name.
@@ -89,14 +89,14 @@ class StreamSession:
     worker_id: str
     choose_engine: Callable[..., Awaitable[Engine]]
     find_engine: Callable[[str], Engine | None]
-    on_stopping: Callable[["StreamSession", Deferred], None]
+    on_stopping: Callable[["Stream", Deferred], None]
     engine: Engine | None = None
     state: StreamState = StreamState.STARTING
     playback: Playback | None = None
     started_at: float = 0.0
     last_data_at: float | None = None
     reconnects: int = 0
-    follower: BufferFollower = attrs.field(init=False)
+    follower: FanOut = attrs.field(init=False)
     players: set = attrs.field(factory=set, init=False)
     _reader: EngineReader | None = attrs.field(default=None, init=False)
     _starting: Deferred | None = attrs.field(default=None, init=False)
@@ -125,7 +125,7 @@ class StreamSession:
 
     def __attrs_post_init__(self) -> None:
         window = ChunkWindow(self.tuning.buffer_chunks, self.tuning.chunk_ttl)
-        self.follower = BufferFollower(window, self.tuning.join_chunks)
+        self.follower = FanOut(window, self.tuning.join_chunks)
         self.started_at = self.clock.seconds()
 
     @property
@@ -618,10 +618,10 @@ class StreamSession:
         if kind == Event.CHUNK_ADDED and self.role is Role.FOLLOWER and not mine:
             index = event.get("index")
             Deferred.fromCoroutine(self._fetch(index if isinstance(index, int) else None))
-        elif kind == Event.CLIENT_DISCONNECTED and self.role is Role.OWNER:
+        elif kind == Event.PLAYER_DISCONNECTED and self.role is Role.OWNER:
             if event.get("remaining") == 0:
                 self._player_gone()
-        elif kind == Event.CLIENT_CONNECTED and self.role is Role.OWNER:
+        elif kind == Event.PLAYER_CONNECTED and self.role is Role.OWNER:
             self._cancel_cleanup()
         elif kind == Event.STREAM_STOPPING and not mine and self.role is Role.FOLLOWER:
             self.stop("its owner stopped it")
@@ -737,7 +737,7 @@ class StreamSession:
         self.log.warn("stream {key}: its keys were lost; restoring them", key=self.key)
         await self._put_metadata()
         for producer in list(self.players):
-            await self.store.add_client(self.key, producer.client.id, self.client_fields(producer))
+            await self.store.add_player(self.key, producer.info.id, self.player_fields(producer))
 
     async def _demote(self) -> None:
         """
@@ -812,11 +812,11 @@ class StreamSession:
 
     # Players
 
-    def add_player(self, client: ClientInfo, request) -> ClientProducer:
+    def add_player(self, client: PlayerInfo, request) -> PlayerProducer:
         """
         Attach a player and start streaming to it.
         """
-        producer = ClientProducer(
+        producer = PlayerProducer(
             client,
             self.follower,
             request,
@@ -827,10 +827,10 @@ class StreamSession:
         self.players.add(producer)
         if self._cancel_cleanup():
             self.store.set_last_disconnect(self.key, None).addErrback(self._ignore_unavailable)
-        self.store.add_client(self.key, client.id, self.client_fields(producer)).addErrback(
+        self.store.add_player(self.key, client.id, self.player_fields(producer)).addErrback(
             self._ignore_unavailable
         )
-        self._publish(Event.CLIENT_CONNECTED, client_id=client.id)
+        self._publish(Event.PLAYER_CONNECTED, client_id=client.id)
         self.log.info(
             "client {client} ({address}) joined stream {key}",
             client=client.id,
@@ -840,41 +840,41 @@ class StreamSession:
         producer.start()
         return producer
 
-    def client_fields(self, producer: ClientProducer) -> dict:
-        client = producer.client
+    def player_fields(self, producer: PlayerProducer) -> dict:
+        client = producer.info
         return {
-            ClientField.ID: client.id,
-            ClientField.WORKER: self.worker_id,
-            ClientField.ADDRESS: client.address,
-            ClientField.USER_AGENT: client.user_agent,
-            ClientField.CONNECTED_AT: client.connected_at,
-            ClientField.LAST_HEARTBEAT: self.clock.seconds(),
-            ClientField.BYTES_SENT: producer.bytes_sent,
-            ClientField.SKIPS: producer.skips,
+            PlayerField.ID: client.id,
+            PlayerField.WORKER: self.worker_id,
+            PlayerField.ADDRESS: client.address,
+            PlayerField.USER_AGENT: client.user_agent,
+            PlayerField.CONNECTED_AT: client.connected_at,
+            PlayerField.LAST_HEARTBEAT: self.clock.seconds(),
+            PlayerField.BYTES_SENT: producer.bytes_sent,
+            PlayerField.SKIPS: producer.skips,
         }
 
-    def player(self, client_id: str) -> ClientProducer | None:
+    def player(self, client_id: str) -> PlayerProducer | None:
         for producer in self.players:
-            if producer.client.id == client_id:
+            if producer.info.id == client_id:
                 return producer
         return None
 
-    def _player_left(self, producer: ClientProducer) -> None:
+    def _player_left(self, producer: PlayerProducer) -> None:
         self.players.discard(producer)
         self.log.info(
             "client {client} left stream {key} after {bytes} bytes",
-            client=producer.client.id,
+            client=producer.info.id,
             key=self.key,
             bytes=producer.bytes_sent,
         )
-        d = self.store.remove_client(self.key, producer.client.id)
-        d.addCallback(self._client_removed, producer.client.id)
+        d = self.store.remove_player(self.key, producer.info.id)
+        d.addCallback(self._client_removed, producer.info.id)
         d.addErrback(self._ignore_unavailable)
 
     def _client_removed(self, remaining: int, client_id: str) -> None:
         if self.stopping:
             return
-        self._publish(Event.CLIENT_DISCONNECTED, client_id=client_id, remaining=remaining)
+        self._publish(Event.PLAYER_DISCONNECTED, client_id=client_id, remaining=remaining)
         if remaining == 0 or (self.role is Role.FOLLOWER and not self.players):
             self._player_gone(remaining == 0)
 
@@ -932,7 +932,7 @@ class StreamSession:
         if self.players:
             return
         try:
-            clients = await self.store.list_clients(self.key)
+            clients = await self.store.list_players(self.key)
             left_at = await self.store.get_last_disconnect(self.key)
         except Unavailable:
             return

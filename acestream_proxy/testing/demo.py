@@ -25,6 +25,7 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.web.server import Site
 
 from ..config import Config, ConfigError, build, engine_from_url
+from ..http.routes import make_site
 from ..service import make_service
 from .engine import SimulatedEngine
 
@@ -174,7 +175,7 @@ async def start(reactor, args: argparse.Namespace, demo: Demo) -> None:
     demo.service.startService()
     try:
         demo.proxy_port = await serverFromString(reactor, config.listen).listen(
-            demo.service.site
+            make_site(demo.service.getServiceNamed("streams"), config)
         )
     except CannotListenError as err:
         log.error("the proxy cannot listen on {listen}: {why}", listen=config.listen, why=err)
@@ -183,16 +184,12 @@ async def start(reactor, args: argparse.Namespace, demo: Demo) -> None:
 
 async def main(reactor, args: argparse.Namespace) -> None:
     """Listen, print where, and run until the reactor is stopped."""
-    globalLogBeginner.beginLoggingTo(
-        [textFileLogObserver(sys.stdout)], redirectStandardIO=False
-    )
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     engine = SimulatedEngine(reactor)
     demo = Demo(engine, await listen_engine(reactor, engine, args.engine_port))
     # A shutdown trigger's Deferred is waited for, so Ctrl-C lets the
     # proxy wind down before the process exits.
-    reactor.addSystemEventTrigger(
-        "before", "shutdown", lambda: Deferred.fromCoroutine(demo.stop())
-    )
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(demo.stop()))
     await start(reactor, args, demo)
     print_banner(sys.stdout, http_base(demo.proxy_port), http_base(demo.engine_port))
     # Never fires: the demo runs until a signal stops the reactor.
