@@ -21,6 +21,16 @@ class StreamState(StrEnum):
     ERROR = "error"
 
 
+class Role(StrEnum):
+    """
+    A worker's part in a stream: its owner reads the engine, a follower the
+    owner's buffer.
+    """
+
+    OWNER = "owner"
+    FOLLOWER = "follower"
+
+
 #: States in which a stream holds a session on its engine and so counts
 #: towards that engine's load.
 ACTIVE_STATES = frozenset(

@@ -34,7 +34,7 @@ async def test_paused_player_neither_stalls_others_nor_grows_memory():
         # Once the kernel's buffers are full the slow player's producer stays
         # paused while the window moves on past its position; the window
         # keeps its size and the fast player keeps getting every packet.
-        window = session.follower.window
+        window = session.fanout.window
         await eventually(
             lambda: slow_producer.paused and window.first_index > slow_producer.position + 5,
             what="slow player left behind by the window",

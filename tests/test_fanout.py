@@ -36,7 +36,7 @@ def make_follower(max_chunks=10, join_chunks=3):
 def publish(follower, first, count):
     for index in range(first, first + count):
         data = packets(index * PER_CHUNK, PER_CHUNK)
-        follower.publish(Chunk.make(index, data, added_at=0.0))
+        follower.deliver(Chunk.make(index, data, added_at=0.0))
 
 
 def player(follower, chunked=True):
@@ -73,7 +73,7 @@ def test_every_live_player_gets_the_same_bytes_object():
     for producer in producers:
         producer._write = writes.append
     chunk = Chunk.make(2, packets(20, PER_CHUNK), 0.0)
-    follower.publish(chunk)
+    follower.deliver(chunk)
     assert len(writes) == 3
     assert all(w is chunk.framed for w in writes)
 

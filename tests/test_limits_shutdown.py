@@ -397,7 +397,7 @@ async def test_stuck_players_hold_at_most_one_chunk_each(engine, proxy_factory):
     healthy = await Player.open(proxy.stream_url(KEY))
     await healthy.wait_bytes(100 * PACKET_SIZE)
     session = proxy.registry.streams[KEY]
-    window = session.follower.window
+    window = session.fanout.window
     stuck = await stuck_players(proxy, STUCK)
     try:
         await eventually(
@@ -464,13 +464,13 @@ async def test_stuck_players_are_dropped_after_write_timeout(engine, proxy_facto
         note()
         return (
             len(seen) == STUCK
-            and session.players == {kept}
+            and session.players.producers == {kept}
             and all(disconnected(refs) for refs in seen.values())
         )
 
     await eventually(all_dropped, timeout=20, what="every stuck player dropped")
-    assert session.follower.producers == {kept}
-    assert session.follower.live_count == 1
+    assert session.fanout.producers == {kept}
+    assert session.fanout.live_count == 1
     await until(
         lambda: proxy.registry.store.list_players(KEY),
         lambda clients: list(clients) == [kept.info.id],

@@ -31,10 +31,10 @@ from acestream_proxy.errors import EngineError, ProxyError
 from acestream_proxy.stream.health import (
     BACKOFF_BASE,
     BACKOFF_CAP,
-    Backoff,
     Verdict,
     check_interval,
     judge_silence,
+    reconnect_delays,
 )
 from acestream_proxy.stream.mpegts import PACKET_SIZE
 from acestream_proxy.testing.engine import DESYNC_JUNK
@@ -72,15 +72,15 @@ def test_silence_is_checked_often_enough():
 def test_backoff_doubles_up_to_the_cap():
     """
     The first attempt at once, then base, 2 base, 4 base... capped, each
-    scaled by a factor in [0.5, 1) drawn from the jitter.
+    with up to half a base of jitter added.
     """
-    low = Backoff(lambda: 0.0)
-    assert [low.delay(n) for n in range(9)] == [0, 0.25, 0.5, 1, 2, 4, 7.5, 7.5, 7.5]
-    high = Backoff(lambda: 0.999)
+    low = reconnect_delays(lambda: 0.0)
+    assert [low(n) for n in range(9)] == [0, 0.5, 1, 2, 4, 8, 15, 15, 15]
+    high = reconnect_delays(lambda: 0.999)
     for n in range(1, 12):
         full = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (n - 1))
-        assert full * 0.5 <= low.delay(n) < high.delay(n) < full
-    assert Backoff(lambda: 0.5, base=1, cap=3).delay(5) == 3 * 0.75
+        assert full == low(n) < high(n) < full + BACKOFF_BASE / 2
+    assert reconnect_delays(lambda: 0.5)(3) == 2 + BACKOFF_BASE / 4
 
 
 # --- timers, on a Clock with the fake engine API --------------------------------
@@ -142,7 +142,7 @@ def started(clock, api=None, engines=None, **tuning):
     api.readers[0].dataReceived(packets(0, 50))
     assert attached.called
     session = server.streams[KEY]
-    session.jitter = lambda: 0.0
+    session.source.jitter = lambda: 0.0
     return server, api, request, attached, session
 
 
@@ -161,13 +161,13 @@ def when_stopping(server, session) -> list[dict]:
     once it has stopped, its keys are gone.
     """
     seen = []
-    on_stopping = session.on_stopping
+    remove = server.removeService
 
-    def spy(stopping, done):
+    def spy(stopping):
         seen.append(server.store.get_stream(stopping.key).result)
-        on_stopping(stopping, done)
+        return remove(stopping)
 
-    session.on_stopping = spy
+    server.removeService = spy
     return seen
 
 
@@ -260,10 +260,10 @@ def test_reconnection_fails_over_to_the_next_engine():
     api.readers[0].connectionLost(Failure(ConnectionDone()))
     # Same engine first, then (after the first back-off) the other one.
     assert api.asked_engines == ["engine-a", "engine-a"]
-    clock.advance(0.24)
+    clock.advance(0.49)
     assert api.asked_engines == ["engine-a", "engine-a"]
     clock.advance(0.01)
-    assert api.asked == [("engine-a", 0), ("engine-a", 0), ("engine-b", 0.25)]
+    assert api.asked == [("engine-a", 0), ("engine-a", 0), ("engine-b", 0.5)]
     api.readers[1].dataReceived(packets(100, 10))
     m = meta(server)
     assert (m["status"], m["health"], m["container_id"]) == ("started", "healthy", "engine-b")
@@ -284,7 +284,7 @@ def test_reconnection_skips_an_engine_that_failed_its_probe():
 def test_backoff_between_attempts_then_error_and_a_clean_end():
     """
     Every attempt fails: they are made after 0, base, 2 base... (the
-    jitter drawing 0 halves each), capped; after C{max_reconnects} the
+    jitter drawing 0 adds nothing), capped; after C{max_reconnects} the
     stream goes to C{error} and stops, and its player's body ends cleanly.
     """
     clock = Clock()
@@ -294,9 +294,9 @@ def test_backoff_between_attempts_then_error_and_a_clean_end():
     clock.advance(1)
     api.failing.add("engine-a")
     api.readers[0].connectionLost(Failure(ConnectionDone()))
-    clock.pump([0.25] * 100)
+    clock.pump([0.25] * 200)
     times = [when for _, when in api.asked[1:]]
-    assert times == [1, 1.25, 1.75, 2.75, 4.75, 8.75, 16.25, 23.75]
+    assert times == [1, 1.5, 2.5, 4.5, 8.5, 16.5, 31.5, 46.5]
 
     [m] = last
     assert (m["status"], m["health"], m["reconnects"]) == ("error", "error", 8)
@@ -322,7 +322,7 @@ def test_failed_attempts_sessions_are_stopped():
     assert api.stops == ["session-1"]
     clock.advance(5)
     assert api.stops == ["session-1", "session-2"]
-    clock.advance(0.25)
+    clock.advance(0.5)
     assert api.asked_engines == ["engine-a", "engine-a", "engine-b"]
     # The next body ends before any data: that attempt fails at once.
     api.readers[2].connectionLost(Failure(ConnectionDone()))
@@ -550,7 +550,7 @@ async def test_reconnections_exhausted_end_the_players_cleanly(
         players = [await Player.open(proxy.stream_url(HASHES[0])) for _ in range(2)]
         for player in players:
             await player.wait_bytes(100 * PACKET_SIZE)
-        proxy.registry.streams[HASHES[0]].jitter = lambda: 0.0
+        proxy.registry.streams[HASHES[0]].source.jitter = lambda: 0.0
         for running in (first, second):
             running.engine.faults.add("getstream_500")
         first.engine.drop_playback()
@@ -580,7 +580,7 @@ async def test_lost_sync_is_regained_without_losing_a_packet(
     await player.wait_bytes(100 * PACKET_SIZE)
     engine.engine.faults.add("playback_desync")
     session = proxy.registry.streams[HASHES[0]]
-    aligner = session._reader.aligner
+    aligner = session.source._reader.aligner
     await eventually(lambda: aligner.resyncs >= 5, what="five losses of sync")
     await player.more(200 * PACKET_SIZE)
     engine.engine.faults.discard("playback_desync")

@@ -38,7 +38,7 @@ def test_stream_stops_after_cleanup_grace():
     server, api, request = started_server(clock, cleanup_grace=5)
     assert verify(request.transport.value().split(b"\r\n")[1]).ok
     request.producer.stopProducing()  # the connection is lost
-    assert server.streams[KEY].players == set()
+    assert server.streams[KEY].players.producers == set()
 
     clock.advance(4.9)
     assert KEY in server.streams

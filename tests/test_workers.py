@@ -169,7 +169,7 @@ async def commands_per_chunk(client, owner_session) -> tuple[float, dict]:
     """
     before, start = command_counts(client), buffer_index(client)
     await eventually(
-        lambda: owner_session._last_index >= start + MEASURED_CHUNKS, what="chunks"
+        lambda: owner_session.fanout.last_index >= start + MEASURED_CHUNKS, what="chunks"
     )
     end = buffer_index(client)
     after = command_counts(client)
@@ -193,9 +193,9 @@ async def heartbeat_round(client, proxy) -> dict:
     """
     The Redis commands of one round of the worker's client heartbeats.
     """
-    supervisor = proxy.registry.supervisor
+    heartbeats = proxy.registry.heartbeats
     before = command_counts(client)
-    await supervisor.tick()
+    await heartbeats.tick()
     after = command_counts(client)
     return {
         name: after[name] - before.get(name, 0)

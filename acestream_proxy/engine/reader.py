@@ -1,21 +1,24 @@
 """
 Reading an engine's playback body: the bytes arrive through treq's streaming
-body protocol and leave as chunks of whole TS packets.  The engine's
-transport is paused while the buffer cannot keep up, so a slow store never
-grows our memory.
+body protocol and leave as chunks of whole TS packets.  The reader is
+the push producer of the stream's store writer, which pauses it while the
+store cannot keep up, so a slow store never grows our memory.
 """
 
 from typing import Callable
 
 import attrs
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
+from zope.interface import implementer
 
 from ..stream.mpegts import PacketAligner
 
 
+@implementer(IPushProducer)
 @attrs.define(eq=False)
 class EngineReader(Protocol):
     """
@@ -80,20 +83,22 @@ class EngineReader(Protocol):
         self.stopped = True
         self.on_end(None if reason.check(ResponseDone) else reason)
 
-    def pause(self) -> None:
+    # IPushProducer: the store writer pauses the engine while it is behind.
+
+    def pauseProducing(self) -> None:
         """
-        Stop reading from the engine until L{resume}.
+        Stop reading from the engine until L{resumeProducing}.
         """
         if not self.paused and self.transport is not None and not self.stopped:
             self.paused = True
             self.transport.pauseProducing()
 
-    def resume(self) -> None:
+    def resumeProducing(self) -> None:
         if self.paused and not self.stopped:
             self.paused = False
             self.transport.resumeProducing()
 
-    def stop(self) -> None:
+    def stopProducing(self) -> None:
         """
         Close the playback connection; L{on_end} is not called.
         """

@@ -6,6 +6,7 @@ own pace (see L{acestream_proxy.producer}).
 """
 
 import attrs
+from twisted.internet.defer import Deferred
 
 from .window import Chunk, ChunkWindow
 
@@ -20,18 +21,35 @@ class FanOut:
 
     window: ChunkWindow
     join_chunks: int
+    #: The index of the last chunk delivered (0 before the first).
+    last_index: int = 0
     _live: list = attrs.field(factory=list, init=False)
     producers: set = attrs.field(factory=set, init=False)
+    _waiting: list = attrs.field(factory=list, init=False)
 
-    def publish(self, chunk: Chunk) -> None:
+    def deliver(self, chunk: Chunk) -> None:
         """
         Add the newest chunk and give it to every player that is caught up.
         A player whose transport fills up during its write leaves the live
         list by itself, so the loop walks a copy.
         """
+        self.last_index = chunk.index
         self.window.append(chunk)
         for producer in self._live[:]:
             producer.offer(chunk)
+        if self._waiting:
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.callback(chunk)
+
+    def next_chunk(self) -> Deferred:
+        """
+        Fire with the next chunk delivered: how a data source learns that
+        its first data reached the players.  Cancelling it forgets it.
+        """
+        d = Deferred(lambda d: self._waiting.remove(d) if d in self._waiting else None)
+        self._waiting.append(d)
+        return d
 
     def join_position(self) -> int | None:
         """

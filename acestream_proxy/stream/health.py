@@ -11,9 +11,10 @@ engine do not return to their engines in step.
 from enum import StrEnum
 from typing import Callable
 
-import attrs
+from twisted.application.internet import backoffPolicy
 
 from ..config import Tuning
+from ..constants import StreamState
 
 #: Delay before the second attempt; each later one doubles it.
 BACKOFF_BASE = 0.5
@@ -27,6 +28,20 @@ class Health(StrEnum):
     UNHEALTHY = "unhealthy"
     RECONNECTING = "reconnecting"
     ERROR = "error"
+
+
+def health_of(state: StreamState) -> Health:
+    """
+    A stream's health follows from its state; it is not kept beside it.
+    """
+    return _HEALTH.get(state, Health.HEALTHY)
+
+
+_HEALTH = {
+    StreamState.UNHEALTHY: Health.UNHEALTHY,
+    StreamState.RECONNECTING: Health.RECONNECTING,
+    StreamState.ERROR: Health.ERROR,
+}
 
 
 class Verdict(StrEnum):
@@ -46,22 +61,20 @@ def judge_silence(silent: float, tuning: Tuning) -> Verdict:
     return Verdict.HEALTHY
 
 
-@attrs.frozen
-class Backoff:
+def reconnect_delays(random: Callable[[], float]) -> Callable[[int], float]:
     """
-    Delays between reconnection attempts: the first at once, then
-    C{base * 2**(n-1)} capped at C{cap}, each scaled by a random factor in
-    [0.5, 1) (the injectable C{random} returns a float in [0, 1)).
+    Seconds to wait before reconnection attempt C{n}: the first at once,
+    then Twisted's exponential backoff from L{BACKOFF_BASE}, doubling up to
+    L{BACKOFF_CAP}, plus up to half a base of jitter drawn from C{random}
+    (a float in [0, 1)).
     """
-
-    random: Callable[[], float]
-    base: float = BACKOFF_BASE
-    cap: float = BACKOFF_CAP
-
-    def delay(self, attempt: int) -> float:
-        if attempt == 0:
-            return 0.0
-        return min(self.cap, self.base * 2 ** (attempt - 1)) * (0.5 + self.random() / 2)
+    policy = backoffPolicy(
+        initialDelay=BACKOFF_BASE,
+        maxDelay=BACKOFF_CAP,
+        factor=2.0,
+        jitter=lambda: random() * BACKOFF_BASE / 2,
+    )
+    return lambda attempt: policy(attempt - 1) if attempt else 0.0
 
 
 def check_interval(tuning: Tuning) -> float:

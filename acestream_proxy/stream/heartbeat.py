@@ -1,36 +1,33 @@
 """
-Keeping the client registry true: every C{heartbeat_interval} the worker
+Keeping the store's players true: every C{heartbeat_interval} the worker
 refreshes the heartbeat of each of its players that can still be written to,
-and removes clients whose heartbeat is older than C{ghost_client_timeout}.
+and removes players whose heartbeat is older than C{ghost_client_timeout}.
 
 A ghost is a player whose network went away without a disconnect: its socket
 stays full, its producer stays paused and it makes no progress, so its
 heartbeat ages until it is removed and its connection dropped.  Each worker
 judges its own players by the heartbeats it wrote, without reading them back;
-the stream's owner also removes the clients of workers that stopped
-heartbeating them (a worker that died), so that the clients are read once per
-round, not once per worker.
+the stream's owner also removes the players of workers that stopped
+heartbeating them (a worker that died), so that the players are read once
+per round, not once per worker.
 """
 
 from typing import Callable, Iterable
 
 import attrs
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from ..constants import PlayerField
-from ..errors import Unavailable
+from ..constants import PlayerField, Role
 from ..store.base import Store
-from .stream import Role
 
 
 @attrs.define(eq=False)
 class PlayerHeartbeats:
     """
-    Its L{tick} runs every C{heartbeat_interval}, from a L{TimerService} of
-    the proxy's.
+    Its L{tick} runs every C{heartbeat_interval}, from a timer of the
+    stream registry's.
 
-    @ivar streams: returns the worker's live stream streams.
+    @ivar streams: returns the worker's live streams.
     """
 
     log = Logger()
@@ -43,19 +40,11 @@ class PlayerHeartbeats:
     _progress: dict = attrs.field(factory=dict, init=False)
     _beats: dict = attrs.field(factory=dict, init=False)
 
-    def tick(self) -> Deferred:
+    async def tick(self) -> None:
         """
-        One round of heartbeats and ghost removal.  A failure is logged and
-        the next round runs as usual.
+        One round of heartbeats and ghost removal, and each stream's idle
+        check.
         """
-        d = Deferred.fromCoroutine(self._tick())
-        return d.addErrback(self._failed)
-
-    def _failed(self, failure) -> None:
-        if not failure.check(Unavailable):
-            self.log.failure("client heartbeat round failed", failure)
-
-    async def _tick(self) -> None:
         if not self.store.available:
             # Each call would wait out the store's timeout; the players keep
             # streaming meanwhile, and the first round after Redis is back
@@ -65,52 +54,51 @@ class PlayerHeartbeats:
         progress = {}
         for stream in list(self.streams()):
             for producer in list(stream.players):
-                cid = producer.info.id
-                progress[cid] = producer.bytes_sent
-                moved = self._progress.get(cid, 0) != producer.bytes_sent
+                pid = producer.info.id
+                progress[pid] = producer.bytes_sent
+                moved = self._progress.get(pid, 0) != producer.bytes_sent
                 if moved or not producer.paused:
-                    # Written whole, so that a store that lost the client
+                    # Written whole, so that a store that lost the player
                     # (Redis restarted empty) has it again.
-                    await self.store.add_player(stream.key, cid, stream.player_fields(producer))
-                    self._beats[cid] = now
+                    await self.store.add_player(stream.key, pid, stream.players.fields(producer))
+                    self._beats[pid] = now
             self._drop_ghosts(stream, now)
             if stream.role is Role.OWNER:
                 await self._remove_ghosts(stream, now)
             await stream.refresh()
         self._progress = progress
-        self._beats = {cid: beat for cid, beat in self._beats.items() if cid in progress}
+        self._beats = {pid: beat for pid, beat in self._beats.items() if pid in progress}
 
     def _drop_ghosts(self, stream, now: float) -> None:
         """
         Drop this worker's players whose last heartbeat (the one written
         when they joined, if none since) is too old; leaving, each removes
-        its client from the store.
+        its registration from the store.
         """
         oldest = now - self.ghost_client_timeout
         for producer in list(stream.players):
-            client = producer.info
-            if self._beats.get(client.id, client.connected_at) < oldest:
-                self._ghost(client.id, stream.key)
+            info = producer.info
+            if self._beats.get(info.id, info.connected_at) < oldest:
+                self._ghost(info.id, stream.key)
                 producer.abort()
 
     async def _remove_ghosts(self, stream, now: float) -> None:
         """
-        The owner removes the clients other workers stopped heartbeating.
+        The owner removes the players other workers stopped heartbeating.
         """
-        clients = await self.store.list_players(stream.key)
+        players = await self.store.list_players(stream.key)
         oldest = now - self.ghost_client_timeout
-        for cid, fields in clients.items():
+        for pid, fields in players.items():
             if float(fields.get(PlayerField.LAST_HEARTBEAT, 0)) >= oldest:
                 continue
-            if stream.player(cid) is None:
-                self._ghost(cid, stream.key)
-                await self.store.remove_player(stream.key, cid)
+            if stream.players.find(pid) is None:
+                self._ghost(pid, stream.key)
+                await self.store.remove_player(stream.key, pid)
 
-    def _ghost(self, client_id: str, key: str) -> None:
+    def _ghost(self, player_id: str, key: str) -> None:
         self.log.warn(
-            "client {client} of stream {key} sent no heartbeat for {timeout}s; removing it",
-            client=client_id,
+            "player {player} of stream {key} sent no heartbeat for {timeout}s; removing it",
+            player=player_id,
             key=key,
             timeout=self.ghost_client_timeout,
         )
-

@@ -74,9 +74,7 @@ class PacketAligner:
         self._pending = b""
         self._synced = True
 
-    def _take_aligned(
-        self, buf: bytes, pos: int, out: list[bytes]
-    ) -> tuple[int, bool]:
+    def _take_aligned(self, buf: bytes, pos: int, out: list[bytes]) -> tuple[int, bool]:
         """
         Move the run of well-formed whole packets at C{pos} to C{out}.
 
@@ -128,6 +126,7 @@ class PacketAligner:
             search = candidate + 1
         self.discarded += candidate - pos
         return candidate
+
 
 def _crc_table() -> tuple[int, ...]:
     """The 256-entry lookup table for L{mpeg2_crc32}."""

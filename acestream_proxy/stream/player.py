@@ -57,7 +57,7 @@ class PlayerProducer:
     log = Logger()
 
     info: PlayerInfo
-    follower: FanOut
+    fanout: FanOut
     request: object
     on_detach: Callable[["PlayerProducer"], None]
     clock: object = None
@@ -92,9 +92,9 @@ class PlayerProducer:
         # catches up from the shared window when its socket drains.
         if hasattr(transport, "bufferSize"):
             transport.bufferSize = PLAYER_BUFFER_SIZE
-        self.follower.add(self)
+        self.fanout.add(self)
         request.registerProducer(self, True)
-        self.position = self.follower.join_position()
+        self.position = self.fanout.join_position()
         if not self.paused:
             self._catch_up()
 
@@ -111,7 +111,7 @@ class PlayerProducer:
             self._write_raw(chunk)
 
     def _catch_up(self) -> None:
-        window = self.follower.window
+        window = self.fanout.window
         while not self.paused and not self.finished:
             position = self.position
             chunk = window.get(position) if position is not None else None
@@ -127,7 +127,7 @@ class PlayerProducer:
                         key=self.info.key,
                     )
                     continue
-                self.follower.go_live(self)
+                self.fanout.go_live(self)
                 return
             self.position = position + 1
             if self._chunked:
@@ -148,7 +148,7 @@ class PlayerProducer:
 
     def pauseProducing(self) -> None:
         self.paused = True
-        self.follower.go_idle(self)
+        self.fanout.go_idle(self)
         if self.clock is not None and self._stall is None and not self.finished:
             self._stall = self.clock.callLater(self.write_timeout, self._stalled)
 
@@ -207,7 +207,7 @@ class PlayerProducer:
             return False
         self.finished = True
         self._cancel_stall()
-        self.follower.remove(self)
+        self.fanout.remove(self)
         if self._write is not None:
             self.request.unregisterProducer()
         self.on_detach(self)

@@ -9,11 +9,11 @@ from collections import Counter
 from collections.abc import Collection
 
 import attrs
-from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock
 from twisted.logger import Logger
 
+from ..background import Tasks, periodic
 from ..config import Tuning
 from ..constants import ACTIVE_STATES, Meta, PlayerField
 from ..engine.api import EngineAPI
@@ -22,7 +22,8 @@ from ..errors import NoEngine, NotFound, Unavailable
 from ..store.base import Store
 from .heartbeat import PlayerHeartbeats
 from .player import PlayerInfo
-from .stream import Role, Stream
+from ..constants import Role
+from .stream import Stream
 
 #: Seconds a shutdown waits for players' last bytes to leave.
 SHUTDOWN_DRAIN = 5.0
@@ -37,8 +38,8 @@ SHUTDOWN_RETRY_AFTER = 5
 @attrs.define(eq=False)
 class StreamRegistry(MultiService):
     """
-    Owns the stream streams of this worker and the services that keep them
-    healthy (engine probes, client heartbeats).
+    Owns the streams of this worker (its children, named by key) and the
+    timers that keep them healthy (engine probes, player heartbeats).
     """
 
     log = Logger()
@@ -51,29 +52,26 @@ class StreamRegistry(MultiService):
     worker_id: str = attrs.field(factory=lambda: uuid.uuid4().hex[:12])
     streams: dict = attrs.field(factory=dict, init=False)
     accepting: bool = attrs.field(default=True, init=False)
-    supervisor: PlayerHeartbeats = attrs.field(init=False)
+    heartbeats: PlayerHeartbeats = attrs.field(init=False)
+    tasks: Tasks = attrs.field(init=False)
     _stopping: dict = attrs.field(factory=dict, init=False)
     _create_lock: DeferredLock = attrs.field(factory=DeferredLock, init=False)
 
     def __attrs_post_init__(self) -> None:
         MultiService.__init__(self)
-        self.supervisor = supervisor = PlayerHeartbeats(
+        self.tasks = Tasks(self.log, self.clock, "the stream registry")
+        self.heartbeats = PlayerHeartbeats(
             self.store,
             self.clock,
             lambda: self.streams.values(),
             self.tuning.heartbeat_interval,
             self.tuning.ghost_client_timeout,
         )
-        self._every(self.tuning.probe_interval, self.engines.probe)
-        self._every(self.tuning.heartbeat_interval, supervisor.tick)
-
-    def _every(self, interval: float, call) -> None:
-        """
-        Run C{call} every C{interval} seconds while the proxy runs.
-        """
-        timer = TimerService(interval, call)
-        timer.clock = self.clock
-        timer.setServiceParent(self)
+        for interval, call in (
+            (self.tuning.probe_interval, self.engines.probe),
+            (self.tuning.heartbeat_interval, self.heartbeats.tick),
+        ):
+            periodic(interval, call, self.clock, self.tasks).setServiceParent(self)
 
     # Players
 
@@ -129,12 +127,12 @@ class StreamRegistry(MultiService):
 
     async def _create(self, key: str, param: str) -> Stream:
         """
-        Start this worker's stream of stream C{key}: as its owner when the
-        owner lease is free (choosing an engine, or taking over the stream a
-        previous owner left), else as a follower of the owner's buffer.
-        Creations are serialised so that simultaneous requests for one key
-        make one stream, and simultaneous new streams see each other's load
-        and count towards C{max_streams}.
+        Start this worker's stream C{key}: as its owner when the owner lease
+        is free (choosing an engine, or taking over the session a previous
+        owner left), else as a follower of the owner's buffer.  Creations
+        are serialised so that simultaneous requests for one key make one
+        stream, and simultaneous new streams see each other's load and
+        count towards C{max_streams}.
         """
         earlier = self._stopping.get(key)
         if earlier is not None:
@@ -146,19 +144,20 @@ class StreamRegistry(MultiService):
             if stream is not None:
                 return stream
             await self._check_max_streams(key)
+            asked_at = self.clock.seconds()
             owner = await self.store.acquire_owner(key)
-            takeover = await self.store.get_stream(key) if owner else None
-            engine = None
-            if owner and not takeover:
-                try:
-                    engine = await self.choose_engine()
-                except NoEngine:
-                    await self.store.release_owner(key)
-                    raise
+            try:
+                takeover = await self.store.get_stream(key) if owner else None
+                engine = await self.choose_engine() if owner and not takeover else None
+            except BaseException:
+                # No engine, or the join was cancelled: nobody holds the
+                # stream, so the lease must not wait out its time.
+                if owner:
+                    self.tasks.run(self.store.release_owner(key), keep=True)
+                raise
             stream = Stream(
                 key=key,
                 param=param,
-                role=Role.OWNER if owner else Role.FOLLOWER,
                 api=self.api,
                 store=self.store,
                 clock=self.clock,
@@ -166,17 +165,17 @@ class StreamRegistry(MultiService):
                 worker_id=self.worker_id,
                 choose_engine=self.choose_engine,
                 find_engine=self.engines.by_id,
-                on_stopping=self._stream_stopping,
-                engine=engine,
             )
             self.streams[key] = stream
             self.log.info(
                 "stream {key}: starting as {role}{on}",
                 key=key,
-                role=stream.role.value,
+                role="owner" if owner else "follower",
                 on=f" on engine {engine.id}" if engine else "",
             )
-            stream.start(takeover)
+            stream.start(owner, asked_at, engine, takeover)
+            # Its timers start now, with its source in place.
+            stream.setServiceParent(self)
             return stream
         finally:
             self._create_lock.release()
@@ -196,9 +195,7 @@ class StreamRegistry(MultiService):
         Active streams per engine id, as every worker sees them.
         """
         streams = await self.store.list_streams()
-        return Counter(
-            s.get(Meta.ENGINE_ID) for s in streams if s.get(Meta.STATE) in ACTIVE_STATES
-        )
+        return Counter(s.get(Meta.ENGINE_ID) for s in streams if s.get(Meta.STATE) in ACTIVE_STATES)
 
     # Stopping streams
 
@@ -208,22 +205,25 @@ class StreamRegistry(MultiService):
             raise NotFound(f"no stream {key}")
         return stream.stop(why)
 
-    def _stream_stopping(self, stream: Stream, stopped: Deferred) -> None:
+    def removeService(self, service):
         """
-        A stream began to stop: new players of its key get a new stream,
-        which starts once this one's cleanup is done.
+        A stream began to stop (it disowned itself): new players of its key
+        get a new stream, which starts once this one's cleanup is done.
         """
-        key = stream.key
-        if self.streams.get(key) is stream:
-            del self.streams[key]
-        self._stopping[key] = stopped
+        removed = MultiService.removeService(self, service)
+        if isinstance(service, Stream):
+            key = service.key
+            if self.streams.get(key) is service:
+                del self.streams[key]
+            stopped = self._stopping[key] = service.stopService()
 
-        def forget(result):
-            if self._stopping.get(key) is stopped:
-                del self._stopping[key]
-            return result
+            def forget(result):
+                if self._stopping.get(key) is stopped:
+                    del self._stopping[key]
+                return result
 
-        stopped.addBoth(forget)
+            stopped.addBoth(forget)
+        return removed
 
     def stopService(self):
         """
@@ -244,6 +244,7 @@ class StreamRegistry(MultiService):
             consumeErrors=True,
         )
         d.addCallback(lambda _: self._close(transports))
+        d.addCallback(lambda _: self.tasks.cancel_all())
         d.addCallback(lambda _: MultiService.stopService(self))
         return d
 
@@ -253,11 +254,7 @@ class StreamRegistry(MultiService):
         on other workers hands it over instead of ending it.
         """
         handover = False
-        if (
-            stream.role is Role.OWNER
-            and stream.live
-            and self.store.available
-        ):
+        if stream.role is Role.OWNER and stream.live and self.store.available:
             try:
                 clients = await self.store.list_players(stream.key)
             except Unavailable:
@@ -355,7 +352,11 @@ class StreamRegistry(MultiService):
         """
         store_up = self.store.available
         health = {
-            "status": "ok" if self.accepting and store_up else "stopping" if not self.accepting else "degraded",
+            "status": "ok"
+            if self.accepting and store_up
+            else "stopping"
+            if not self.accepting
+            else "degraded",
             "worker_id": self.worker_id,
             "streams": len(self.streams),
             "clients": sum(len(s.players) for s in self.streams.values()),
@@ -369,7 +370,12 @@ class StreamRegistry(MultiService):
 
 #: Client fields shown as numbers whichever store kept them.
 _NUMERIC_CLIENT_FIELDS = frozenset(
-    {PlayerField.CONNECTED_AT, PlayerField.LAST_HEARTBEAT, PlayerField.BYTES_SENT, PlayerField.SKIPS}
+    {
+        PlayerField.CONNECTED_AT,
+        PlayerField.LAST_HEARTBEAT,
+        PlayerField.BYTES_SENT,
+        PlayerField.SKIPS,
+    }
 )
 
 
@@ -384,7 +390,6 @@ def _number(value):
     except ValueError:
         return value
     return int(number) if number.is_integer() else number
-
 
 
 def _settled(d: Deferred) -> Deferred:
