@@ -291,7 +291,7 @@ async def test_two_players_share_one_engine_session_until_sigterm(spawn):
         assert report.data_packets >= PACKETS_PER_SECOND, report.describe()
 
     streams = await get_json(f"{proxy_url}/streams")
-    assert [(s["key"], s["clients"]) for s in streams] == [(KEY, 2)], streams
+    assert [(s["key"], s["players"]) for s in streams] == [(KEY, 2)], streams
     state = await get_json(f"{sim_url}/sim/state")
     assert len(state["sessions"]) == 1, state
     assert state["getstream_calls"] == [["id", KEY]], state

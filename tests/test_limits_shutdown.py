@@ -783,7 +783,7 @@ class AddressedRequest:
     ],
 )
 def test_without_a_token_admin_actions_are_for_loopback_only(address, allowed):
-    web = ProxyWeb(server=None)
+    web = ProxyWeb(streams=None)
     if allowed:
         web._check_admin(AddressedRequest(address))
     else:
@@ -797,7 +797,7 @@ def test_without_a_token_admin_actions_are_for_loopback_only(address, allowed):
     [IPv4Address("TCP", "10.1.2.3", 5555), IPv4Address("TCP", "127.0.0.1", 5555), IPv6Address("TCP", "::1", 5555)],
 )
 def test_with_a_token_admin_actions_need_it_from_anywhere(address):
-    web = ProxyWeb(server=None, admin_token=TOKEN)
+    web = ProxyWeb(streams=None, admin_token=TOKEN)
     web._check_admin(AddressedRequest(address, b"Bearer " + TOKEN.encode()))
     for authorization in (None, b"Bearer " + WRONG.encode(), TOKEN.encode(), b"Bearer "):
         with pytest.raises(Unauthorized) as refused_:

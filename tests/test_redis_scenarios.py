@@ -284,7 +284,7 @@ async def test_three_clients_on_two_workers_share_one_engine_session(
 
     for proxy in (first, second):
         streams = await get_json(proxy.url + "/streams?status=started")
-        assert [(s["key"], s["clients"], s["container_id"]) for s in streams] == [
+        assert [(s["key"], s["players"], s["container_id"]) for s in streams] == [
             (KEY, 3, "engine-a")
         ]
         assert streams[0]["owner"] == first.registry.worker_id
@@ -450,7 +450,7 @@ async def test_stream_details_look_the_same_with_either_store(
         player.disconnect()
     memory, redis = details
     assert type_names(redis) == type_names(memory)
-    assert type_names(redis["clients"][0]) == type_names(memory["clients"][0])
+    assert type_names(redis["players"][0]) == type_names(memory["players"][0])
 
 
 def type_names(document: dict) -> dict[str, str]:

@@ -80,7 +80,7 @@ async def test_three_clients_share_one_engine_session(engine, proxy_factory):
     streams = await treq.json_content(await treq.get(proxy.url + "/streams?status=started"))
     assert len(streams) == 1
     assert streams[0]["key"] == KEY
-    assert streams[0]["clients"] == 3
+    assert streams[0]["players"] == 3
     assert streams[0]["container_id"] == "engine-a"
     assert streams[0]["bytes_in"] > 0
     for player in players:
@@ -204,8 +204,8 @@ async def test_stream_details_and_delete(engine, proxy_factory):
     details = await treq.json_content(await treq.get(f"{proxy.url}/streams/{KEY}"))
     assert details["key"] == KEY
     assert details["status"] == "started"
-    assert len(details["clients"]) == 2
-    assert {c["address"] for c in details["clients"]} == {"127.0.0.1"}
+    assert len(details["players"]) == 2
+    assert {c["address"] for c in details["players"]} == {"127.0.0.1"}
 
     response = await treq.delete(f"{proxy.url}/streams/{KEY}")
     assert response.code == 200

@@ -19,6 +19,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ..errors import BadRequest, Forbidden, ProxyError, Unauthorized
 from ..stream.registry import StreamRegistry
+from . import views
 
 _HASH = re.compile(r"[0-9a-fA-F]{40}")
 _KEY_PARAMS = ("id", "infohash")
@@ -69,7 +70,7 @@ class ProxyWeb:
     app.url_map.merge_slashes = False
     log = Logger()
 
-    server: StreamRegistry
+    streams: StreamRegistry
     admin_token: str | None = None
 
     def resource(self):
@@ -84,7 +85,7 @@ class ProxyWeb:
         request.setHeader(b"Cache-Control", b"no-cache, no-store")
         if request.method == b"HEAD":
             return b""
-        done = await self.server.attach(key, param, request)
+        done = await self.streams.attach(key, param, request)
         await done
         return None
 
@@ -95,26 +96,26 @@ class ProxyWeb:
         status = request.args.get(b"status", [None])[-1]
         if status is not None:
             status = status.decode("latin-1")
-        return json_body(request, await self.server.describe_streams(status))
+        return json_body(request, await views.streams_view(self.streams, status))
 
     @app.route("/streams/<key>", methods=["GET"])
     async def stream(self, request, key):
-        return json_body(request, await self.server.describe_stream(checked_key(key)))
+        return json_body(request, await views.stream_view(self.streams, checked_key(key)))
 
     @app.route("/streams/<key>", methods=["DELETE"])
     async def delete_stream(self, request, key):
         self._check_admin(request)
         key = checked_key(key)
-        await self.server.stop_stream(key, "stopped through the API")
+        await self.streams.stop_stream(key, "stopped through the API")
         return json_body(request, {"stopped": key})
 
     @app.route("/engines", methods=["GET"])
     async def engines(self, request):
-        return json_body(request, await self.server.describe_engines())
+        return json_body(request, await views.engines_view(self.streams))
 
     @app.route("/health", methods=["GET"])
     def health(self, request):
-        health = self.server.describe_health()
+        health = views.health_view(self.streams)
         return json_body(request, health, 200 if health["status"] == "ok" else 503)
 
     def _check_admin(self, request) -> None:

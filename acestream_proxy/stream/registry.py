@@ -15,14 +15,13 @@ from twisted.logger import Logger
 
 from ..background import Tasks, periodic
 from ..config import Tuning
-from ..constants import ACTIVE_STATES, Meta, PlayerField
+from ..constants import ACTIVE_STATES, Meta, PlayerField, Role
 from ..engine.api import EngineAPI
 from ..engine.registry import Engine, EngineRegistry
 from ..errors import NoEngine, NotFound, Unavailable
 from ..store.base import Store
 from .heartbeat import PlayerHeartbeats
 from .player import PlayerInfo
-from ..constants import Role
 from .stream import Stream
 
 #: Seconds a shutdown waits for players' last bytes to leave.
@@ -291,105 +290,6 @@ class StreamRegistry(MultiService):
 
         check()
         return done
-
-    # Inspection
-
-    async def describe_streams(self, status: str | None = None) -> list[dict]:
-        streams = await self.store.list_streams()
-        described = []
-        for meta in sorted(streams, key=lambda m: float(m.get(Meta.STARTED_AT) or 0)):
-            if status is not None and meta.get(Meta.STATE) != status:
-                continue
-            described.append(await self._describe(meta))
-        return described
-
-    async def describe_stream(self, key: str) -> dict:
-        meta = await self.store.get_stream(key)
-        if meta is None:
-            raise NotFound(f"no stream {key}")
-        described = await self._describe(meta)
-        clients = await self.store.list_players(key)
-        described["clients"] = [
-            {
-                field: _number(value) if field in _NUMERIC_CLIENT_FIELDS else value
-                for field, value in fields.items()
-            }
-            for fields in clients.values()
-        ]
-        return described
-
-    async def _describe(self, meta: dict) -> dict:
-        key = meta[Meta.KEY]
-        stream = self.streams.get(key)
-        clients = await self.store.list_players(key)
-        described = {
-            "key": key,
-            "status": meta.get(Meta.STATE),
-            "container_id": meta.get(Meta.ENGINE_ID),
-            "engine_url": meta.get(Meta.ENGINE_URL),
-            "clients": len(clients),
-            "started_at": _number(meta.get(Meta.STARTED_AT)),
-            "bytes_in": _number(meta.get(Meta.BYTES_IN)) or 0,
-            "playback_session_id": meta.get(Meta.PLAYBACK_SESSION_ID),
-            "owner": meta.get(Meta.OWNER),
-            "health": meta.get(Meta.HEALTH),
-            "reconnects": _number(meta.get(Meta.RECONNECTS)) or 0,
-            "buffer_index": await self.store.buffer.latest(key),
-        }
-        if stream is not None and stream.role is Role.OWNER:
-            described["bytes_in"] = stream.bytes_in
-            described["last_data_at"] = stream.last_data_at
-        return described
-
-    async def describe_engines(self) -> list[dict]:
-        loads = await self.engine_loads()
-        return [engine.describe(loads.get(engine.id, 0)) for engine in self.engines.engines]
-
-    def describe_health(self) -> dict:
-        """
-        C{status} is C{ok} only while the daemon accepts players and its
-        store can be reached.
-        """
-        store_up = self.store.available
-        health = {
-            "status": "ok"
-            if self.accepting and store_up
-            else "stopping"
-            if not self.accepting
-            else "degraded",
-            "worker_id": self.worker_id,
-            "streams": len(self.streams),
-            "clients": sum(len(s.players) for s in self.streams.values()),
-            "engines_healthy": sum(1 for e in self.engines.engines if e.healthy),
-            "store": self.store.kind,
-        }
-        if self.store.kind == "redis":
-            health["redis"] = "up" if store_up else "down"
-        return health
-
-
-#: Client fields shown as numbers whichever store kept them.
-_NUMERIC_CLIENT_FIELDS = frozenset(
-    {
-        PlayerField.CONNECTED_AT,
-        PlayerField.LAST_HEARTBEAT,
-        PlayerField.BYTES_SENT,
-        PlayerField.SKIPS,
-    }
-)
-
-
-def _number(value):
-    """
-    Metadata numbers come back as text from Redis; show them as numbers.
-    """
-    if value is None or isinstance(value, (int, float)):
-        return value
-    try:
-        number = float(value)
-    except ValueError:
-        return value
-    return int(number) if number.is_integer() else number
 
 
 def _settled(d: Deferred) -> Deferred:

@@ -25,13 +25,13 @@ from typing import Awaitable, Callable
 
 import attrs
 from twisted.application.service import MultiService
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..background import Tasks, periodic
 from ..config import Tuning
-from ..constants import Event, Meta, Role, StreamState
+from ..constants import Event, Role, StreamState
 from ..engine.api import EngineAPI
 from ..engine.registry import Engine
 from ..errors import EngineError, ProxyError, Unavailable
@@ -40,12 +40,14 @@ from .fanout import FanOut
 from .feed import EngineFeed
 from .health import Health, health_of
 from .idle import IdleCheck
-from .lease import OwnerLease, Renewal
+from .lease import OwnerLease
+from .metadata import metadata_of
+from .ownership import Ownership
 from .player import PlayerInfo, PlayerProducer
 from .players import Players
+from .ready import Readiness
 from .tail import BufferTail
 from .window import ChunkWindow
-from .writer import StoreWriter
 
 _LIVE_STATES = frozenset({StreamState.STARTED, StreamState.UNHEALTHY, StreamState.RECONNECTING})
 
@@ -77,9 +79,9 @@ class Stream(MultiService):
     lease: OwnerLease = attrs.field(init=False)
     players: Players = attrs.field(init=False)
     idle: IdleCheck = attrs.field(init=False)
-    _ready: Failure | bool = attrs.field(default=False, init=False)
-    _waiters: list = attrs.field(factory=list, init=False)
-    _starting: Deferred | None = attrs.field(default=None, init=False)
+    ownership: Ownership = attrs.field(init=False)
+    ready: Readiness = attrs.field(factory=Readiness, init=False)
+    starting: Deferred | None = attrs.field(default=None, init=False)
     _stopped: Deferred | None = attrs.field(default=None, init=False)
     _why: tuple = attrs.field(default=("stopped", False), init=False)
 
@@ -102,8 +104,9 @@ class Stream(MultiService):
             self._player_left,
         )
         self.idle = IdleCheck(self)
+        self.ownership = Ownership(self)
         periodic(
-            self.tuning.owner_lease / 3, self._lease_tick, self.clock, self.tasks
+            self.tuning.owner_lease / 3, self.ownership.tick, self.clock, self.tasks
         ).setServiceParent(self)
 
     # What the stream is now, derived from its source
@@ -164,45 +167,14 @@ class Stream(MultiService):
         self.store.listen(self.key, self._event)
         if owner:
             self.lease.taken(asked_at)
-            self._swap(self._feed(engine))
+            self.swap(self.ownership.feed(engine))
             start = self._start_owner(takeover)
         else:
-            self._swap(self._tail())
+            self.swap(self.ownership.tail())
             start = self._start_follower()
-        self._starting = self.tasks.run(start)
+        self.starting = self.tasks.run(start)
 
-    def _feed(self, engine: Engine | None, reconnects: int = 0) -> EngineFeed:
-        writer = StoreWriter(self.key, self.store, self.clock, self.fanout, self.lease.safe)
-        return EngineFeed(
-            self.key,
-            self.param,
-            self.api,
-            self.clock,
-            self.tuning,
-            self.fanout,
-            writer,
-            self.tasks,
-            self.choose_engine,
-            self.find_engine,
-            self.write_metadata,
-            self.stop,
-            engine=engine,
-            reconnects=reconnects,
-        )
-
-    def _tail(self, next_index: int | None = None) -> BufferTail:
-        return BufferTail(
-            self.key,
-            self.store,
-            self.clock,
-            self.fanout,
-            self.tasks,
-            self.tuning.join_chunks,
-            self.tuning.first_byte_timeout,
-            next_index=next_index,
-        )
-
-    def _swap(self, source: EngineFeed | BufferTail) -> None:
+    def swap(self, source: EngineFeed | BufferTail) -> None:
         """
         Make C{source} the stream's data source, stopping the one before.
         """
@@ -213,12 +185,12 @@ class Stream(MultiService):
 
     async def _start_owner(self, takeover: dict | None) -> None:
         try:
-            await self.source.open(takeover, self._put_metadata)
+            await self.source.open(takeover, self.put_metadata)
         except Exception as e:
             return self._start_failed(e)
         finally:
-            self._starting = None
-        await self._now_owning("started", Event.STREAM_STARTED)
+            self.starting = None
+        await self.now_owning("started", Event.STREAM_STARTED)
         self._open_to_players()
 
     async def _start_follower(self) -> None:
@@ -227,16 +199,16 @@ class Stream(MultiService):
         except Exception as e:
             return self._start_failed(e)
         finally:
-            self._starting = None
+            self.starting = None
         self.log.info("stream {key}: following its owner's buffer", key=self.key)
         self._open_to_players()
 
-    async def _now_owning(self, how: str, event: Event) -> None:
+    async def now_owning(self, how: str, event: Event) -> None:
         """
         The engine's data flows to this owner: record it and tell the other
         workers.
         """
-        await self._put_metadata()
+        await self.put_metadata()
         self.log.info(
             "stream {key} {how} on {engine} ({session})",
             key=self.key,
@@ -247,7 +219,7 @@ class Stream(MultiService):
         self.players.publish(event, engine=self.engine.id)
 
     def _open_to_players(self) -> None:
-        self._set_ready(True)
+        self.ready.settle(True)
         if not self.players:
             self.idle.nobody_here()
 
@@ -260,31 +232,15 @@ class Stream(MultiService):
         else:
             error = EngineError(f"stream {self.key} failed to start")
             self.log.failure("stream {key} failed to start", Failure(e), key=self.key)
-        self._set_ready(Failure(error))
+        self.ready.settle(Failure(error))
         self.stop("start failed")
-
-    def _set_ready(self, result: Failure | bool) -> None:
-        self._ready = result
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(None)
 
     def wait_ready(self) -> Deferred:
         """
         Fire when the stream has data for players, or fail with the
-        L{ProxyError} that stopped it.  Cancelling one waiter leaves the
-        others and the stream alone.
+        L{ProxyError} that stopped it.
         """
-        if isinstance(self._ready, Failure):
-            return fail(self._ready)
-        if self._ready:
-            return succeed(None)
-        waiter = Deferred(lambda d: self._waiters.remove(d) if d in self._waiters else None)
-        self._waiters.append(waiter)
-        return waiter
+        return self.ready.wait()
 
     # Players
 
@@ -321,87 +277,7 @@ class Stream(MultiService):
         elif kind == Event.STREAM_STOPPING and not mine and not owner:
             self.stop("its owner stopped it")
         elif kind == Event.OWNER_CHANGED and not mine and event.get("handover"):
-            self.clock.callLater(0, lambda: self.tasks.run(self._lease_tick))
-
-    # The lease: this is its one driver
-
-    async def _lease_tick(self) -> None:
-        """
-        Owner: renew the lease (keeping the stream's keys alive, and its
-        metadata up to date), even while starting, so that a slow engine
-        does not let another worker take the stream too.  Follower: take
-        the stream over when its owner is gone.  While the store is down
-        nothing is asked of it: the owner goes on serving its own players,
-        and the lease is settled when it is back.
-        """
-        if self.stopping or not self.store.available:
-            return
-        if self.role is Role.FOLLOWER:
-            if self._starting is None and await self.lease.take_if_orphaned():
-                await self._promote()
-            return
-        renewal = await self.lease.renew()
-        if renewal is Renewal.LOST:
-            if self._starting is None and not self.stopping:
-                await self._demote()
-            return
-        if self.stopping:
-            await self.lease.release()
-            return
-        if renewal is Renewal.RETAKEN:
-            self.log.warn("stream {key}: its keys were lost; restoring them", key=self.key)
-            await self.players.restore()
-        self.source.writer.flush()
-        if self.live:
-            await self._put_metadata()
-
-    async def _demote(self) -> None:
-        """
-        Another worker holds the lease now: follow the buffer from the chunk
-        after the last one our players got.  Our engine session is the new
-        owner's to use if the metadata names it; if not, the new owner
-        opened its own and ours would play to nobody, so it is stopped.
-        """
-        self.log.warn("stream {key}: lost ownership; following", key=self.key)
-        feed = self.source
-        self._swap(self._tail(self.fanout.last_index + 1))
-        self.source.state = StreamState.STARTED
-        if feed.playback is None:
-            return
-        meta = await self.store.get_stream(self.key) or {}
-        if meta.get(Meta.PLAYBACK_SESSION_ID) != feed.playback.playback_session_id:
-            await feed.stop_engine()
-
-    async def _promote(self) -> None:
-        """
-        The owner's lease lapsed and is ours now: read what it left in the
-        buffer, then open the engine (reusing its session when it still
-        plays) and write the buffer on from there.  It runs as the stream's
-        start, so that stopping cancels it.
-        """
-        self.log.warn("stream {key}: the owner is gone; taking the stream over", key=self.key)
-        self._starting = self.tasks.run(self._take_over())
-
-    async def _take_over(self) -> None:
-        try:
-            await self.source.read_new()
-            tail = self.source
-            self._swap(self._feed(None, reconnects=1))
-            meta = await self.store.get_stream(self.key)
-            await self.source.open(meta, self._put_metadata)
-        except CancelledError:
-            if self.role is Role.FOLLOWER or tail is self.source:
-                # Stopped before it owned anything: stopping a follower
-                # leaves the lease alone, so give it back here.
-                self.tasks.run(self.lease.release(), keep=True)
-            return
-        except Exception as e:
-            self.log.warn("stream {key}: takeover failed: {why}", key=self.key, why=e)
-            self.stop("takeover failed")
-            return
-        finally:
-            self._starting = None
-        await self._now_owning("taken over", Event.OWNER_CHANGED)
+            self.clock.callLater(0, lambda: self.tasks.run(self.ownership.tick))
 
     # Stopping
 
@@ -430,46 +306,20 @@ class Stream(MultiService):
         owner = self.role is Role.OWNER
         self.idle.cancel()
         self.tasks.cancel_all()
-        if not self._ready:
-            self._set_ready(Failure(EngineError(f"stream {self.key} stopped: {why}")))
+        if not self.ready.result:
+            self.ready.settle(Failure(EngineError(f"stream {self.key} stopped: {why}")))
         await MultiService.stopService(self)
         self.players.finish_all()
         self.fanout.window.clear()
         self.store.unlisten(self.key, self._event)
         if owner:
-            await (self._hand_over() if handover else self._end())
+            await (self.ownership.hand_over() if handover else self.ownership.end())
         await self.tasks.settle()
         self.log.info("stream {key} stopped", key=self.key)
 
-    async def _hand_over(self) -> None:
-        try:
-            if not self.store.available:
-                raise Unavailable("the store is down")
-            await self.lease.release()
-            await self.store.publish(self.key, Event.OWNER_CHANGED.value, handover=True)
-        except Unavailable:
-            self.log.warn("stream {key}: could not hand over, Redis is down", key=self.key)
-
-    async def _end(self) -> None:
-        """
-        Tell the other workers, delete the keys, stop the engine session.
-        With Redis down the keys are left to expire rather than have the
-        engine wait for the store's timeout.
-        """
-        try:
-            if not self.store.available:
-                raise Unavailable("the store is down")
-            await self.store.publish(self.key, Event.STREAM_STOPPING.value)
-            await self.store.delete_stream(self.key)
-        except Unavailable:
-            self.log.warn("stream {key}: could not delete its keys, Redis is down", key=self.key)
-        except Exception:
-            self.log.failure("stream {key}: could not delete its keys", key=self.key)
-        await self.source.stop_engine()
-
     # Metadata
 
-    async def _put_metadata(self) -> None:
+    async def put_metadata(self) -> None:
         """
         Write the metadata; while an owner starts, a store that is down
         fails the start.
@@ -477,7 +327,7 @@ class Stream(MultiService):
         try:
             await self.store.put_stream(self.key, self.metadata())
         except Unavailable:
-            if self.role is Role.OWNER and self._starting is not None:
+            if self.role is Role.OWNER and self.starting is not None:
                 raise
 
     def write_metadata(self) -> None:
@@ -491,31 +341,4 @@ class Stream(MultiService):
         """
         The stream's metadata as the store keeps it.
         """
-        source = self.source
-        fields = {
-            Meta.KEY: self.key,
-            Meta.STATE: self.state.value,
-            Meta.PARAM: self.param,
-            Meta.OWNER: self.worker_id,
-            Meta.STARTED_AT: self.started_at,
-            Meta.BYTES_IN: self.bytes_in,
-            Meta.RECONNECTS: getattr(source, "reconnects", 0),
-            Meta.HEALTH: self.health.value,
-        }
-        if self.engine is not None:
-            fields[Meta.ENGINE_ID] = self.engine.id
-            fields[Meta.ENGINE_URL] = self.engine.url
-        if self.last_data_at is not None:
-            fields[Meta.LAST_DATA_AT] = self.last_data_at
-        playback = getattr(source, "playback", None)
-        if playback is not None:
-            fields.update(
-                {
-                    Meta.PLAYBACK_URL: playback.playback_url,
-                    Meta.STAT_URL: playback.stat_url,
-                    Meta.COMMAND_URL: playback.command_url,
-                    Meta.PLAYBACK_SESSION_ID: playback.playback_session_id,
-                    Meta.IS_LIVE: playback.is_live,
-                }
-            )
-        return {str(k): v for k, v in fields.items()}
+        return metadata_of(self)

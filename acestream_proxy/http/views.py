@@ -1,0 +1,110 @@
+"""
+The JSON views of the API: streams (as every worker sees them, from the
+store), one stream with its players, engines with their load, and this
+worker's health.
+"""
+
+from ..constants import Meta, PlayerField, Role
+from ..errors import NotFound
+
+
+async def streams_view(registry, status: str | None = None) -> list[dict]:
+    streams = await registry.store.list_streams()
+    described = []
+    for meta in sorted(streams, key=lambda m: float(m.get(Meta.STARTED_AT) or 0)):
+        if status is not None and meta.get(Meta.STATE) != status:
+            continue
+        described.append(await _describe(registry, meta))
+    return described
+
+
+async def stream_view(registry, key: str) -> dict:
+    meta = await registry.store.get_stream(key)
+    if meta is None:
+        raise NotFound(f"no stream {key}")
+    described = await _describe(registry, meta)
+    players = await registry.store.list_players(key)
+    described["players"] = [
+        {
+            field: _number(value) if field in _NUMERIC_PLAYER_FIELDS else value
+            for field, value in fields.items()
+        }
+        for fields in players.values()
+    ]
+    return described
+
+
+async def _describe(registry, meta: dict) -> dict:
+    key = meta[Meta.KEY]
+    stream = registry.streams.get(key)
+    players = await registry.store.list_players(key)
+    described = {
+        "key": key,
+        "status": meta.get(Meta.STATE),
+        "container_id": meta.get(Meta.ENGINE_ID),
+        "engine_url": meta.get(Meta.ENGINE_URL),
+        "players": len(players),
+        "started_at": _number(meta.get(Meta.STARTED_AT)),
+        "bytes_in": _number(meta.get(Meta.BYTES_IN)) or 0,
+        "playback_session_id": meta.get(Meta.PLAYBACK_SESSION_ID),
+        "owner": meta.get(Meta.OWNER),
+        "health": meta.get(Meta.HEALTH),
+        "reconnects": _number(meta.get(Meta.RECONNECTS)) or 0,
+        "buffer_index": await registry.store.buffer.latest(key),
+    }
+    if stream is not None and stream.role is Role.OWNER:
+        described["bytes_in"] = stream.bytes_in
+        described["last_data_at"] = stream.last_data_at
+    return described
+
+
+async def engines_view(registry) -> list[dict]:
+    loads = await registry.engine_loads()
+    return [engine.describe(loads.get(engine.id, 0)) for engine in registry.engines.engines]
+
+
+def health_view(registry) -> dict:
+    """
+    C{status} is C{ok} only while the daemon accepts players and its
+    store can be reached.
+    """
+    store_up = registry.store.available
+    health = {
+        "status": "ok"
+        if registry.accepting and store_up
+        else "stopping"
+        if not registry.accepting
+        else "degraded",
+        "worker_id": registry.worker_id,
+        "streams": len(registry.streams),
+        "players": sum(len(s.players) for s in registry.streams.values()),
+        "engines_healthy": sum(1 for e in registry.engines.engines if e.healthy),
+        "store": registry.store.kind,
+    }
+    if registry.store.kind == "redis":
+        health["redis"] = "up" if store_up else "down"
+    return health
+
+
+#: Player fields shown as numbers whichever store kept them.
+_NUMERIC_PLAYER_FIELDS = frozenset(
+    {
+        PlayerField.CONNECTED_AT,
+        PlayerField.LAST_HEARTBEAT,
+        PlayerField.BYTES_SENT,
+        PlayerField.SKIPS,
+    }
+)
+
+
+def _number(value):
+    """
+    Metadata numbers come back as text from Redis; show them as numbers.
+    """
+    if value is None or isinstance(value, (int, float)):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return int(number) if number.is_integer() else number
