@@ -62,7 +62,7 @@ def make_store(config: Config, reactor, worker_id: str):
         return MemoryStore(reactor, tuning.buffer_chunks, tuning.chunk_ttl, worker_id)
     return RedisStore(
         url=config.redis,
-        clock=reactor,
+        reactor=reactor,
         worker_id=worker_id,
         buffer_chunks=tuning.buffer_chunks,
         chunk_ttl=tuning.chunk_ttl,

@@ -120,7 +120,22 @@ class BlockingRedis:
         self.sock.close()
 
     def __call__(self, *args):
+        self.send(*args)
+        return self._reply()
+
+    def send(self, *args) -> None:
+        """
+        Send a command without waiting for its reply: one that blocks the
+        server (a long script), or one whose replies come as pushed
+        messages.
+        """
         self.sock.sendall(_encode(args))
+
+    def receive(self):
+        """
+        The next reply: the answer to a L{send}, or a message pushed to a
+        subscribed connection.
+        """
         return self._reply()
 
     def _reply(self):

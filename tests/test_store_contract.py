@@ -9,22 +9,34 @@ L{MemoryStore} that shares the first one's state under another worker id.
 """
 
 import itertools
+import json
+import shutil
 
 import attrs
 import pytest
 import pytest_twisted
+import txredisapi
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IReactorPluggableNameResolver,
+    IReactorTCP,
+    IReactorTime,
+    IReactorUNIX,
+)
 from twisted.internet.task import Clock, deferLater
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from acestream_proxy.errors import Unavailable
 from acestream_proxy.store import keys as keys
 from acestream_proxy.store.base import NotOwner
 from acestream_proxy.store.memory import MemoryStore
-from acestream_proxy.store.redis import RedisStore
+from acestream_proxy.store.redis import RedisStore, _unavailable
 
+from .redis_server import RedisServer, free_port
 from .support import eventually
 
 KEY = "ab" * 20
@@ -54,10 +66,14 @@ class Stores:
     def redis(self) -> bool:
         return self.url is not None
 
-    async def make(self, worker_id: str = WORKER, **overrides):
+    async def make(self, worker_id: str = WORKER, on=reactor, **overrides):
+        """
+        A started store of C{worker_id}; a Redis store runs C{on} the given
+        reactor (the real one by default).
+        """
         options = {**SETTINGS, **overrides}
         if self.redis:
-            store = RedisStore(url=self.url, clock=reactor, worker_id=worker_id, **options)
+            store = RedisStore(url=self.url, reactor=on, worker_id=worker_id, **options)
             store.startService()
             self.started.append(store)
             await eventually(lambda: store.available, what="the store connected")
@@ -186,6 +202,66 @@ def redis_stores(redis_server):
     made.stop()
 
 
+@pytest.fixture
+def other_redis_server():
+    """
+    A second redis-server, for the first to replicate.
+    """
+    server = RedisServer().start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.directory, ignore_errors=True)
+
+
+@implementer(IReactorTCP, IReactorUNIX, IReactorTime, IReactorPluggableNameResolver)
+class ReactorProxy:
+    """
+    A reactor to give a store in place of the real one: it connects through
+    the real reactor and keeps time with C{clock} (the real reactor unless
+    told), noting every connection and every timer asked of it, so that a
+    test can tell that the store used it and not the global reactor.
+    """
+
+    def __init__(self, clock=reactor) -> None:
+        self.clock = clock
+        self.connections: list[tuple] = []
+        self.delays: list[float] = []
+
+    def connectTCP(self, host, port, factory, timeout=30, bindAddress=None):
+        self.connections.append(("tcp", host, port))
+        return reactor.connectTCP(host, port, factory, timeout, bindAddress)
+
+    def connectUNIX(self, address, factory, timeout=30, checkPID=0):
+        self.connections.append(("unix", address))
+        return reactor.connectUNIX(address, factory, timeout, checkPID)
+
+    def callLater(self, delay, f, *args, **kwargs):
+        self.delays.append(delay)
+        return self.clock.callLater(delay, f, *args, **kwargs)
+
+    def seconds(self) -> float:
+        return self.clock.seconds()
+
+    def __getattr__(self, name):
+        return getattr(reactor, name)
+
+
+@attrs.define
+class PinnedTime:
+    """
+    A clock that tells the time it is set to, and runs timers on the real
+    reactor (connections need them to run).
+    """
+
+    now: float
+
+    def seconds(self) -> float:
+        return self.now
+
+    def callLater(self, delay, f, *args, **kwargs):
+        return reactor.callLater(delay, f, *args, **kwargs)
+
+
 async def append(store, key: str, data) -> int:
     """
     Append as the stream's owner, the only worker the buffer takes chunks
@@ -201,6 +277,64 @@ def chunks(store, key: str, start: int = 1, limit: int = 100) -> Deferred:
 
 async def indices(store, key: str, start: int = 1, limit: int = 100) -> list[int]:
     return [index for index, _ in await chunks(store, key, start, limit)]
+
+
+# The reactor a Redis store is given
+
+
+@pytest.mark.parametrize("over", ["tcp", "unix"])
+@pytest_twisted.ensureDeferred
+async def test_redis_store_connects_and_times_out_through_its_reactor(redis_server, over):
+    """
+    Every connection (two pools and the subscriber) is made through the
+    store's reactor, and every operation is timed out on it, twice: by the
+    store and by the protocol waiting for the reply.
+    """
+    url = redis_server.url if over == "tcp" else redis_server.unix_url
+    proxy = ReactorProxy()
+    store = RedisStore(url=url, reactor=proxy, worker_id=WORKER, op_timeout=4.25, **SETTINGS)
+    store.startService()
+    try:
+        await eventually(lambda: store.available, what="the store connected")
+        await subscribed(store)
+        if over == "tcp":
+            assert proxy.connections == [("tcp", "127.0.0.1", redis_server.port)] * 4
+        else:
+            assert proxy.connections == [("unix", redis_server.socket_path)] * 4
+        before = len(proxy.delays)
+        await store.put_stream(KEY, {"status": "started"})
+        await store.get_stream(KEY)
+        assert proxy.delays[before:].count(4.25) == 4
+    finally:
+        await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_op_timeout_runs_on_the_injected_clock():
+    """
+    With Redis unreachable, a call fails with L{Unavailable} when the
+    store's clock says C{op_timeout} has passed, whatever the real time.
+    """
+    clock = Clock()
+    store = RedisStore(
+        url=f"redis://127.0.0.1:{free_port()}/0",
+        reactor=ReactorProxy(clock),
+        worker_id=WORKER,
+        op_timeout=0.1,
+        **SETTINGS,
+    )
+    store.startService()
+    try:
+        answer = store.get_stream(KEY)
+        await deferLater(reactor, 0.3, lambda: None)
+        assert not answer.called
+        clock.advance(0.099)
+        assert not answer.called
+        clock.advance(0.001)
+        with pytest.raises(Unavailable):
+            await answer
+    finally:
+        await store.stopService()
 
 
 # Every method answers with a Deferred
@@ -775,6 +909,42 @@ async def test_chunk_added_whatever_the_worker_id(stores):
     assert [(e["worker_id"], e["index"]) for e in added] == [(worker, 1), (worker, 2)]
 
 
+@pytest_twisted.ensureDeferred
+async def test_chunk_added_message_on_the_wire(redis_stores, redis_server):
+    """
+    What any Redis client subscribed to a stream's channel gets: a JSON
+    object of exactly the event, the worker id as given, the time as the
+    store's clock told it (a float, to the microsecond, a whole second
+    included) and the index as an integer.
+    """
+    worker = 'w%d%s "index": 0, \\ \u00e9'
+    clock = PinnedTime(1712345678.123456)
+    store = await redis_stores.make(worker, on=ReactorProxy(clock))
+    subscriber = redis_server.client()
+    try:
+        assert subscriber("SUBSCRIBE", keys.events(KEY))[0] == b"subscribe"
+        await append(store, KEY, b"G")
+        clock.now = 1712345679.0
+        await append(store, KEY, b"G")
+        received = [subscriber.receive() for _ in range(2)]
+    finally:
+        subscriber.close()
+    for kind, channel, _ in received:
+        assert (kind, channel) == (b"message", keys.events(KEY).encode())
+    messages = [json.loads(message) for _, _, message in received]
+    assert messages == [
+        {"event": "chunk_added", "worker_id": worker, "ts": 1712345678.123456, "index": 1},
+        {"event": "chunk_added", "worker_id": worker, "ts": 1712345679.0, "index": 2},
+    ]
+    for message in messages:
+        assert [type(message[name]) for name in ("event", "worker_id", "ts", "index")] == [
+            str,
+            str,
+            float,
+            int,
+        ]
+
+
 # Redis going away
 
 
@@ -805,3 +975,133 @@ async def test_stopped_store_fails_with_unavailable(redis_stores):
     assert store.available is False
     with pytest.raises(Unavailable):
         await store.get_owner(KEY)
+
+
+# Redis refusing to serve for a while
+
+
+async def writes_fail_with_unavailable(store, reason: str) -> None:
+    """
+    Every kind of write (a plain command, a script, on either connection)
+    fails with L{Unavailable} for C{reason}, not with Redis's error reply.
+    """
+    writes = [
+        lambda: store.set_last_disconnect(KEY, 1.5),
+        lambda: store.put_stream(KEY, {"status": "stopping"}),
+        lambda: store.add_player(KEY, "c2", {"address": "b"}),
+        lambda: store.acquire_owner(OTHER_KEY),
+    ]
+    for write in writes:
+        with pytest.raises(Unavailable, match=reason) as refused:
+            await write()
+        assert isinstance(refused.value.__cause__, txredisapi.ResponseError)
+
+
+@pytest_twisted.ensureDeferred
+async def test_out_of_memory_is_unavailable(redis_stores, redis_server):
+    store = await redis_stores.make()
+    await store.put_stream(KEY, {"status": "started"})
+    await append(store, KEY, b"G")
+    admin = redis_server.client()
+    [_, policy] = admin("CONFIG", "GET", "maxmemory-policy")
+    admin("CONFIG", "SET", "maxmemory-policy", "noeviction")
+    admin("CONFIG", "SET", "maxmemory", "1")
+    try:
+        await writes_fail_with_unavailable(store, "OOM")
+        with pytest.raises(Unavailable, match="OOM"):
+            await store.buffer.append(KEY, b"G")
+        assert (await store.get_stream(KEY))["status"] == "started"
+    finally:
+        admin("CONFIG", "SET", "maxmemory", "0")
+        admin("CONFIG", "SET", "maxmemory-policy", policy)
+        admin.close()
+    await store.put_stream(KEY, {"status": "stopping"})
+    assert await store.buffer.append(KEY, b"G") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_only_replica_is_unavailable(redis_stores, redis_server, other_redis_server):
+    """
+    A master demoted to a replica (as by a failover) refuses writes until
+    it is promoted again.
+    """
+    store = await redis_stores.make()
+    admin = redis_server.client()
+    admin("REPLICAOF", "127.0.0.1", other_redis_server.port)
+    try:
+        await eventually(
+            lambda: b"master_link_status:up" in admin("INFO", "replication"),
+            what="the replica in sync",
+        )
+        await writes_fail_with_unavailable(store, "READONLY")
+    finally:
+        admin("REPLICAOF", "NO", "ONE")
+        admin.close()
+    await store.put_stream(KEY, {"status": "stopping"})
+    assert (await store.get_stream(KEY))["status"] == "stopping"
+
+
+@pytest_twisted.ensureDeferred
+async def test_busy_script_is_unavailable(redis_stores, redis_server):
+    """
+    Redis busy with a script past its time limit answers BUSY to everyone
+    else until the script is killed.
+    """
+    store = await redis_stores.make()
+    admin, looping = redis_server.client(), redis_server.client()
+    [_, limit] = admin("CONFIG", "GET", "lua-time-limit")
+    admin("CONFIG", "SET", "lua-time-limit", "10")
+    looping.send("EVAL", "while true do end", 0)
+    try:
+        # Calls are answered until the script starts, then refused.
+        with pytest.raises(Unavailable, match="BUSY"):
+            deadline = reactor.seconds() + EXPIRY_WAIT
+            while reactor.seconds() < deadline:
+                await store.get_stream(KEY)
+    finally:
+        admin("SCRIPT", "KILL")
+        with pytest.raises(RuntimeError, match="killed"):
+            looping.receive()
+        admin("CONFIG", "SET", "lua-time-limit", limit)
+        admin.close()
+        looping.close()
+    assert await store.get_stream(KEY) is None
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "LOADING Redis is loading the dataset in memory",
+        "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+        "BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSCRIPT.",
+        "READONLY You can't write against a read only replica. script: 0123, on @user_script:3.",
+        "ERR Error running script (call to f_0123): @user_script:3: @user_script: 3: -OOM command not allowed",
+    ],
+)
+def test_replies_of_a_redis_that_cannot_serve_now_are_unavailable(reply):
+    with pytest.raises(Unavailable):
+        _unavailable(Failure(txredisapi.ResponseError(reply)))
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "WRONGTYPE Operation against a key holding the wrong kind of value",
+        "BUSYKEY Target key name already exists.",
+        "ERR unknown command 'NOPE'",
+        "ERR Error running script (call to f_0123): @user_script:1: Script attempted to access nonexistent global variable 'OOM'",
+    ],
+)
+def test_other_error_replies_stay_themselves(reply):
+    failure = Failure(txredisapi.ResponseError(reply))
+    assert _unavailable(failure) is failure
+
+
+@pytest_twisted.ensureDeferred
+async def test_error_reply_of_a_bug_is_not_unavailable(redis_stores, redis_server):
+    store = await redis_stores.make()
+    admin = redis_server.client()
+    admin("SET", keys.metadata(KEY), "not a hash")
+    admin.close()
+    with pytest.raises(txredisapi.ResponseError, match="WRONGTYPE"):
+        await store.get_stream(KEY)

@@ -1,6 +1,6 @@
 """
 The Redis store: the same L{Store} as the embedded one, kept in Redis under
-the seed's key schema (L{acestream_proxy.redis_keys}), so that several
+the seed's key schema (L{acestream_proxy.store.keys}), so that several
 workers on one host or many share streams.
 
 Chunk data travels on connections that never decode (C{charset=None}): a
@@ -8,25 +8,37 @@ chunk of plain ASCII bytes comes back as bytes.  Every multi-key change is one
 Lua script, so it costs one round trip and cannot be seen half done.  Every
 key of a stream expires unless its owner keeps renewing it, so a stream whose
 workers all died leaves nothing behind.
+
+Connections are made through endpoints of the reactor the store is given, and
+operations and replies time out on its clock, as everywhere else in the proxy;
+only what txredisapi keeps to itself (the back-off between reconnection
+attempts, and a turn of the reactor before a new connection joins its pool)
+still runs on the global reactor.
 """
 
 import json
+import re
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
 import txredisapi
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError, fail
-from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.logger import Logger
 
-from ..constants import Meta
+from ..constants import Event, Meta
 from ..errors import Unavailable
 from . import keys
 from .base import Fields, Listeners, NotOwner, _plain
 
 # Only the lease holder may append: a stale owner (one that stood still past
 # its lease) is refused, so its chunks cannot land after the new owner's.
+#
+# The chunk_added message is encoded by cjson, so that no worker id can break
+# it.  Its time, ARGV[8], is the JSON number Python wrote, put in whole: cjson
+# prints numbers with at most 14 significant digits, which would round a Unix
+# time to 100 microseconds and print a whole second as an integer.
 _APPEND = """
 if redis.call('GET', KEYS[3]) ~= ARGV[7] then return -1 end
 local index = redis.call('INCR', KEYS[1])
@@ -34,7 +46,8 @@ redis.call('SET', ARGV[4] .. index, ARGV[1], 'PX', ARGV[2])
 local old = index - tonumber(ARGV[3])
 if old > 0 then redis.call('DEL', ARGV[4] .. old) end
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
-redis.call('PUBLISH', KEYS[2], string.format(ARGV[5], index))
+local fields = cjson.encode({event = ARGV[5], worker_id = ARGV[7], index = index})
+redis.call('PUBLISH', KEYS[2], '{"ts": ' .. ARGV[8] .. ', ' .. string.sub(fields, 2))
 return index
 """
 
@@ -157,10 +170,14 @@ class RedisAddress:
         db = int(parts.path.strip("/") or 0)
         return cls(parts.hostname or "127.0.0.1", parts.port or 6379, None, db)
 
-    def endpoint(self, reactor):
+    def endpoint(self, reactor, timeout: float):
+        """
+        Where to connect, on C{reactor}.  A host name may resolve to IPv6 as
+        well as IPv4 addresses: L{HostnameEndpoint} tries them all.
+        """
         if self.path is not None:
-            return UNIXClientEndpoint(reactor, self.path, timeout=5)
-        return TCP4ClientEndpoint(reactor, self.host, self.port, timeout=5)
+            return UNIXClientEndpoint(reactor, self.path, timeout=timeout)
+        return HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
 
     def describe(self) -> str:
         return self.path if self.path is not None else f"{self.host}:{self.port}/{self.db}"
@@ -174,17 +191,6 @@ def _pairs(flat: list) -> dict:
     return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
-def _format_template(message: dict, number: str) -> str:
-    """
-    C{message} as JSON with a C{%d} for the field C{number}, for Lua's
-    C{string.format} to fill in: every other C{%} is doubled so that a text
-    field cannot be taken for a format directive.
-    """
-    text = json.dumps({**message, number: 0}).replace("%", "%%")
-    head, _, tail = text.rpartition(f'"{number}": 0')
-    return f'{head}"{number}": %d{tail}'
-
-
 def _flatten(fields: Fields) -> list:
     flat = []
     for name, value in _plain(fields).items():
@@ -192,22 +198,61 @@ def _flatten(fields: Fields) -> list:
     return flat
 
 
+class _OnReactor:
+    """
+    Gives each protocol of a txredisapi factory the timers of C{reactor}:
+    the protocol's class takes C{callLater} from the global reactor, and it
+    times out replies with it.
+    """
+
+    reactor: object
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        protocol.callLater = self.reactor.callLater
+        return protocol
+
+
+class _PoolFactory(_OnReactor, txredisapi.RedisFactory):
+    """
+    A pool of connections, built as C{txredisapi.lazyConnectionPool} builds
+    one, whose timers run on the store's reactor; L{RedisStore} connects it
+    through an endpoint of that reactor.
+    """
+
+    def __init__(self, reactor, address: RedisAddress, poolsize: int, reply_timeout: float) -> None:
+        handler = txredisapi.ConnectionHandler
+        if address.path is not None:
+            handler = txredisapi.UnixConnectionHandler
+        super().__init__(
+            address.describe(),
+            address.db,
+            poolsize,
+            isLazy=True,
+            handler=handler,
+            charset=None,
+            replyTimeout=reply_timeout,
+            convertNumbers=False,
+        )
+        self.reactor = reactor
+
+
 class _Subscriber(txredisapi.SubscriberProtocol):
     def messageReceived(self, pattern, channel, message):
         self.factory.store._message(_text(channel), message)
 
 
-class _SubscriberFactory(txredisapi.SubscriberFactory):
+class _SubscriberFactory(_OnReactor, txredisapi.SubscriberFactory):
     """
     Subscribes every (re)connection to all stream event channels.
     """
 
     protocol = _Subscriber
 
-    def __init__(self, store: "RedisStore", db: int) -> None:
+    def __init__(self, store: "RedisStore") -> None:
         super().__init__(isLazy=True)
         self.store = store
-        self.dbid = None
+        self.reactor = store.reactor
 
     def addConnection(self, conn):
         super().addConnection(conn)
@@ -215,6 +260,28 @@ class _SubscriberFactory(txredisapi.SubscriberFactory):
             conn.psubscribe(keys.EVENTS_PATTERN).addErrback(
                 lambda f: self.store.log.warn("could not subscribe to events: {f}", f=f)
             )
+
+
+#: The error replies of a Redis that cannot serve now but will again: out of
+#: memory, a replica (a master demoted by failover), loading its dataset,
+#: without its master, or busy with a long script.  Inside a script, Redis 6
+#: reports them as "Error running script (...): @user_script: 1: -OOM ...".
+_CANNOT_SERVE_NOW = re.compile(r"(?:^|: -)(READONLY|OOM|LOADING|MASTERDOWN|BUSY)\b")
+
+
+def _unavailable(failure):
+    """
+    L{Unavailable} for a failure that says Redis cannot serve now; any
+    other failure as it is.
+    """
+    if failure.check(TimeoutError, txredisapi.ConnectionError):
+        raise Unavailable("the Redis store is unavailable") from failure.value
+    if failure.check(txredisapi.ResponseError):
+        refused = _CANNOT_SERVE_NOW.search(str(failure.value))
+        if refused is not None:
+            reason = refused.group(1)
+            raise Unavailable(f"the Redis store cannot serve now ({reason})") from failure.value
+    return failure
 
 
 def _appended_index(reply) -> int:
@@ -236,10 +303,6 @@ class RedisRingBuffer:
 
     def append(self, key: str, data) -> Deferred[int]:
         store = self.store
-        event = _format_template(
-            {"event": "chunk_added", "worker_id": store.worker_id, "ts": store.clock.seconds()},
-            "index",
-        )
         return store._script(
             _APPEND,
             [keys.buffer_index(key), keys.events(key), keys.owner(key)],
@@ -248,9 +311,10 @@ class RedisRingBuffer:
                 int(store.chunk_ttl * 1000),
                 store.buffer_chunks,
                 keys.buffer_chunk_prefix(key),
-                event,
+                Event.CHUNK_ADDED.value,
                 store.stream_ttl_ms,
                 store.worker_id,
+                json.dumps(float(store.reactor.seconds())),
             ],
             data=True,
         ).addCallback(_appended_index)
@@ -297,6 +361,8 @@ class RedisStore(Service):
     L{Store} on Redis, with the owner lease and the event channel that
     several workers need.
 
+    @ivar reactor: makes the connections to Redis and times their
+        operations out.
     @ivar stream_ttl_ms: how long a stream's keys live without their owner
         renewing them.
     """
@@ -305,7 +371,7 @@ class RedisStore(Service):
     log = Logger()
 
     url: str
-    clock: object
+    reactor: object
     worker_id: str
     buffer_chunks: int
     chunk_ttl: float
@@ -314,8 +380,8 @@ class RedisStore(Service):
     op_timeout: float = 5.0
     buffer: RedisRingBuffer = attrs.field(init=False)
     address: RedisAddress = attrs.field(init=False)
-    _pool: object = attrs.field(default=None, init=False)
-    _data: object = attrs.field(default=None, init=False)
+    _pool: _PoolFactory | None = attrs.field(default=None, init=False)
+    _data: _PoolFactory | None = attrs.field(default=None, init=False)
     _subscriber: _SubscriberFactory | None = attrs.field(default=None, init=False)
     _listeners: Listeners = attrs.field(factory=Listeners, init=False)
 
@@ -331,40 +397,30 @@ class RedisStore(Service):
 
     def startService(self) -> None:
         super().startService()
-        from twisted.internet import reactor
-
         # Chunks and the owner lease get a connection of their own: a burst
         # of client bookkeeping (hundreds of players joining or leaving) must
         # not delay the owner's appends, or the engine's reader would be
         # paused.
-        self._pool = self._connect(poolsize=2)
-        self._data = self._connect(poolsize=1)
-        self._subscriber = _SubscriberFactory(self, self.address.db)
-        self._subscriber.startConnecting(self.address.endpoint(reactor))
+        self._pool = self._connect(_PoolFactory(self.reactor, self.address, 2, self.op_timeout))
+        self._data = self._connect(_PoolFactory(self.reactor, self.address, 1, self.op_timeout))
+        self._subscriber = self._connect(_SubscriberFactory(self))
         self.log.info("using Redis at {where}", where=self.address.describe())
 
-    def _connect(self, poolsize: int):
-        address = self.address
-        options = dict(
-            dbid=address.db,
-            poolsize=poolsize,
-            reconnect=True,
-            charset=None,
-            convertNumbers=False,
-            replyTimeout=self.op_timeout,
-        )
-        if address.path is not None:
-            return txredisapi.lazyUnixConnectionPool(address.path, **options)
-        return txredisapi.lazyConnectionPool(
-            address.host, address.port, connectTimeout=self.op_timeout, **options
-        )
+    def _connect(self, factory):
+        """
+        Start C{factory}'s connections through an endpoint of our reactor
+        (txredisapi's own connection functions use the global one); it keeps
+        them up, reconnecting, until it is disconnected.
+        """
+        factory.startConnecting(self.address.endpoint(self.reactor, timeout=self.op_timeout))
+        return factory
 
     def stopService(self):
         super().stopService()
         closing = [
-            connection.disconnect()
-            for connection in (self._pool, self._data, self._subscriber)
-            if connection is not None
+            factory.disconnect()
+            for factory in (self._pool, self._data, self._subscriber)
+            if factory is not None
         ]
         self._pool = self._data = self._subscriber = None
         return DeferredList(closing, consumeErrors=True)
@@ -374,9 +430,7 @@ class RedisStore(Service):
         """
         Whether the connections to Redis are up now.
         """
-        return all(
-            pool is not None and pool._factory.size > 0 for pool in (self._pool, self._data)
-        )
+        return all(factory is not None and factory.size > 0 for factory in (self._pool, self._data))
 
     def _call(self, *command, data: bool = False) -> Deferred:
         """
@@ -385,23 +439,26 @@ class RedisStore(Service):
         answered within C{op_timeout}, rather than wait for as long as Redis
         is unreachable.
         """
-        pool = self._data if data else self._pool
-        if pool is None:
+        factory = self._data if data else self._pool
+        if factory is None:
             return fail(Unavailable("the Redis store is not running"))
-        return self._guard(pool.execute_command(*command))
+        return self._guard(factory.handler.execute_command(*command))
 
     def _script(self, script: str, names: list, args: list, data: bool = False) -> Deferred:
-        pool = self._data if data else self._pool
-        if pool is None:
+        factory = self._data if data else self._pool
+        if factory is None:
             return fail(Unavailable("the Redis store is not running"))
-        return self._guard(pool.eval(script, names, args))
+        return self._guard(factory.handler.eval(script, names, args))
 
     def _guard(self, d: Deferred) -> Deferred:
-        def unavailable(failure):
-            failure.trap(TimeoutError, txredisapi.ConnectionError)
-            raise Unavailable("the Redis store is unavailable")
-
-        return d.addTimeout(self.op_timeout, self.clock).addErrback(unavailable)
+        """
+        Time C{d} out on our reactor after C{op_timeout}, and turn every
+        failure that says Redis cannot serve now into L{Unavailable}, which
+        callers expect and ride out, whether Redis is unreachable, slow, or
+        refusing writes for a while (a full memory, a demoted master, a
+        dataset loading); any other error reply is a bug, and stays itself.
+        """
+        return d.addTimeout(self.op_timeout, self.reactor).addErrback(_unavailable)
 
     # Events
 
@@ -428,7 +485,7 @@ class RedisStore(Service):
 
     def publish(self, key: str, event: str, **fields) -> Deferred:
         message = json.dumps(
-            {"event": event, "worker_id": self.worker_id, "ts": self.clock.seconds(), **fields}
+            {"event": event, "worker_id": self.worker_id, "ts": self.reactor.seconds(), **fields}
         )
         return self._call("PUBLISH", keys.events(key), message)
 
