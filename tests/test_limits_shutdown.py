@@ -33,6 +33,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import deferLater
 from twisted.logger import Logger, formatEvent, globalLogPublisher
+from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from acestream_proxy.config import Config, Tuning
@@ -42,7 +43,6 @@ from acestream_proxy.service import make_service
 from acestream_proxy.store import keys as redis_keys
 from acestream_proxy.stream.mpegts import PACKET_SIZE
 from acestream_proxy.stream.registry import LIMIT_RETRY_AFTER, SHUTDOWN_DRAIN, SHUTDOWN_RETRY_AFTER
-from acestream_proxy.testing.engine import SimulatedEngine
 
 from .rawplayer import open_raw_player
 from .redis_server import free_port
@@ -617,6 +617,26 @@ async def test_shutdown_ends_every_player_cleanly_and_refuses_new_requests(
         socket.create_connection(("127.0.0.1", daemon.port), timeout=2).close()
 
 
+class UnansweredCommands(Resource):
+    """
+    An engine's HTTP API, except that its command URLs (C{stop}) are never
+    answered; C{asked} holds the session id of each.
+    """
+
+    isLeaf = True
+
+    def __init__(self, api: Resource) -> None:
+        super().__init__()
+        self.api = api
+        self.asked: list[str] = []
+
+    def render(self, request):
+        if request.path.startswith(b"/ace/cmd/"):
+            self.asked.append(request.path.rsplit(b"/", 1)[-1].decode())
+            return NOT_DONE_YET
+        return self.api.render(request)
+
+
 @pytest_twisted.ensureDeferred
 async def test_shutdown_ends_within_10s_with_a_hung_engine_and_a_stuck_player(
     engine, daemons, redis_server, monkeypatch
@@ -627,13 +647,10 @@ async def test_shutdown_ends_within_10s_with_a_hung_engine_and_a_stuck_player(
     the stuck player's drain after its own, and the whole shutdown is over
     within 10 s, the players' bodies ended and the keys deleted.
     """
-    asked = []
-
-    def hang(self, request, infohash, session_id):
-        asked.append(session_id)
-        return NOT_DONE_YET
-
-    monkeypatch.setattr(SimulatedEngine, "_command", hang)
+    site = engine.port.factory
+    unanswered = UnansweredCommands(site.resource)
+    monkeypatch.setattr(site, "resource", unanswered)
+    asked = unanswered.asked
     daemon = await daemons([engine.config("engine-a")], redis=redis_server.url)
     player = await Player.open(daemon.stream_url(KEY))
     await player.wait_bytes(100 * PACKET_SIZE)

@@ -15,19 +15,17 @@ import attrs
 import pytest
 import pytest_twisted
 import treq
-from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, ResponseDone
+from twisted.web.client import ResponseDone
 
 from acestream_proxy.config import Tuning
-from acestream_proxy.engine.api import EngineAPI
 from acestream_proxy.engine.registry import Engine
-from acestream_proxy.errors import EngineError, ProxyError
+from acestream_proxy.errors import EngineError
 from acestream_proxy.stream.health import (
     BACKOFF_BASE,
     BACKOFF_CAP,
@@ -112,8 +110,9 @@ class FlakyEngineAPI(FakeEngineAPI):
             try:
                 await Deferred()
             except CancelledError:
-                # What EngineAPI makes of a cancelled request (see the last
-                # test): a failure of its own, not the cancellation.
+                # What EngineAPI makes of a cancelled request (see
+                # tests/test_engine_api.py): a failure of its own, not the
+                # cancellation.
                 raise EngineError(f"engine {engine.id} failed getstream: ResponseNeverReceived")
         if engine.id in self.failing:
             raise EngineError(f"engine {engine.id} answered getstream with HTTP 500")
@@ -640,21 +639,3 @@ async def test_engine_failing_its_probe_gets_no_new_stream(proxy_factory, store_
     finally:
         await first.stop()
         await second.stop()
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_cancelled_engine_call_fails_as_the_engine_api_reports_it(engine):
-    """
-    Why a reconnection must check that its stream is stopping: cancelling
-    a call to a hung engine (as stopping the stream does) comes back as the
-    engine API's own failure, as the fake engine API above mimics.
-    """
-    engine.engine.faults.add("getstream_hang")
-    api = EngineAPI(HTTPClient(Agent(reactor)), reactor, 10, 10)
-    asking = Deferred.fromCoroutine(
-        api.getstream(Engine.from_config(engine.config("engine-a")), HASHES[0], "id")
-    )
-    await eventually(lambda: engine.engine.getstream_calls, what="the getstream to arrive")
-    asking.cancel()
-    with pytest.raises(ProxyError):
-        await asking

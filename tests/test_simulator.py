@@ -382,6 +382,81 @@ class TestClockDrivenFaults:
         assert len(fake.clock.getDelayedCalls()) == 3
 
 
+class TestRouting:
+    """
+    What the router answers outside the happy paths: the engine's own plain
+    404 and 405, never a redirect or a page of the web framework's.
+    """
+
+    @pytest.mark.parametrize(
+        "path",
+        [
+            "/",
+            "/nothing/here",
+            "/sim//state",
+            "/webui//api/service",
+            "/ace/getstream/extra",
+            f"/ace/r/{HASH}",
+            f"/ace/r/{HASH}/{'0' * 32}/extra",
+            "/sim/faults",
+            "/sim/%73tate",
+            "/%ff",
+        ],
+    )
+    @pytest.mark.parametrize("method", ["GET", "POST"])
+    def test_unknown_path_is_a_plain_404(self, path: str, method: str) -> None:
+        fake = FakeHTTP.make()
+        answer = fake.request(path, method)
+        assert (answer.status, answer.body) == (404, b"not found")
+        assert answer.header(b"content-type") == b"text/plain"
+        assert answer.header(b"location") is None
+
+    @pytest.mark.parametrize(
+        "method, path",
+        [
+            ("POST", "/webui/api/service?method=get_version"),
+            ("DELETE", getstream_path(HASH)),
+            ("HEAD", getstream_path(HASH)),
+            ("HEAD", "/sim/state"),
+            ("GET", "/sim/drop"),
+            ("GET", "/sim/faults/playback_stall"),
+            ("PUT", "/sim/faults/playback_stall"),
+        ],
+    )
+    def test_wrong_method_is_a_plain_405(self, method: str, path: str) -> None:
+        fake = FakeHTTP.make()
+        answer = fake.request(path, method)
+        assert answer.status == 405
+        assert answer.header(b"content-type") == b"text/plain"
+        if method != "HEAD":
+            assert answer.body == b"method not allowed"
+        assert fake.engine.getstream_calls == [] and fake.engine.faults == set()
+
+    @pytest.mark.parametrize("path", ["/sim/state/", "//sim/state", "/sim/state?x=1"])
+    def test_outer_slashes_are_ignored(self, path: str) -> None:
+        fake = FakeHTTP.make()
+        answer = fake.request(path)
+        assert answer.status == 200
+        assert answer.json()["sessions"] == {}
+
+    def test_ids_are_taken_as_sent(self) -> None:
+        """An escaped id is not unescaped: it names no session."""
+        fake = FakeHTTP.make()
+        response = fake.getstream()
+        path = local(response["stat_url"])
+        assert fake.request(path).json()["error"] is None
+        escaped = path.replace(f"/{HASH[0]}", f"/%{ord(HASH[0]):02x}", 1)
+        assert escaped != path
+        assert fake.request(escaped).json() == {"response": None, "error": "unknown session"}
+        empty = path.replace(HASH, "")
+        assert fake.request(empty).json() == {"response": None, "error": "unknown session"}
+
+    def test_whole_answers_give_their_length(self) -> None:
+        fake = FakeHTTP.make()
+        for answer in (fake.request("/sim/state"), fake.request("/nothing")):
+            assert answer.header(b"content-length") == b"%d" % len(answer.body)
+
+
 def playback_session(fake: FakeHTTP) -> str:
     (session_id,) = fake.engine.sessions
     return session_id

@@ -29,12 +29,17 @@ from typing import Any, Callable
 from urllib.parse import urlencode
 
 import attrs
+from klein import Klein
+from klein.resource import KleinResource
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
-from twisted.web.server import NOT_DONE_YET
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import BaseConverter
 from zope.interface import implementer
 
 from . import synthetic
@@ -152,6 +157,8 @@ class _Playback:
     _cc: int = attrs.field(default=0, init=False)
     _paused: bool = attrs.field(default=False, init=False)
     _loop: LoopingCall | None = attrs.field(default=None, init=False)
+    #: Fires when the response is to end cleanly; Klein then finishes it.
+    ended: Deferred[None] = attrs.field(factory=Deferred, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._tag = content_tag(self.session.hash)
@@ -203,7 +210,7 @@ class _Playback:
         """End the response cleanly, as when the session is stopped."""
         self._halt()
         self.request.unregisterProducer()
-        self.request.finish()
+        self.ended.callback(None)
 
     def abort(self) -> None:
         """Cut the connection without ending the response."""
@@ -242,6 +249,20 @@ def _text_body(size: int) -> bytes:
     return (NOT_TS_TEXT * repeats)[:size]
 
 
+class _Segment(BaseConverter):
+    """
+    One path segment, which may be empty (C{/ace/stat//ID} names a session
+    of an empty content id, unknown like any other).
+    """
+
+    regex = "[^/]*"
+    part_isolating = True
+
+
+#: The tail of a playback, stat or command path: content id, session id.
+_SESSION = "<segment:infohash>/<segment:session_id>"
+
+
 @attrs.define(eq=False)
 class SimulatedEngine:
     """
@@ -262,6 +283,7 @@ class SimulatedEngine:
         that named a content, including failed ones, oldest first.
     @ivar sessions: Live sessions by session id (L{EngineSession}).
     @ivar stopped: Session ids that received C{method=stop}, in order.
+    @cvar app: The routes of the HTTP API (Klein), one handler each.
     """
 
     reactor: IReactorTime
@@ -274,6 +296,12 @@ class SimulatedEngine:
     sessions: dict[str, EngineSession] = attrs.field(factory=dict, init=False)
     stopped: list[str] = attrs.field(factory=list, init=False)
     _playbacks: set[_Playback] = attrs.field(factory=set, init=False, repr=False)
+
+    app = Klein()
+    app.url_map.converters["segment"] = _Segment
+    # A path with doubled slashes is not one of ours: werkzeug would answer
+    # it with a redirect to the merged path.
+    app.url_map.merge_slashes = False
 
     def __attrs_post_init__(self) -> None:
         self.epoch = self.reactor.seconds()
@@ -296,8 +324,8 @@ class SimulatedEngine:
         return int((self.reactor.seconds() - self.epoch) * self.packets_per_second)
 
     def resource(self) -> IResource:
-        """The engine's whole HTTP API, as one leaf resource."""
-        return _EngineResource(self)
+        """The engine's whole HTTP API: the routes of L{app}."""
+        return _EngineRoutes(self.app)
 
     def open_session(self, infohash: str, param: str = "infohash") -> EngineSession:
         """Create a playback session, as a successful C{getstream} does."""
@@ -356,8 +384,10 @@ class SimulatedEngine:
             "faults": sorted(self.faults),
         }
 
-    # HTTP handlers, one per route; each returns the body or NOT_DONE_YET.
+    # HTTP handlers, one per route.  Each returns the body, or a Deferred
+    # that fires when the response is complete (Klein then ends it).
 
+    @app.route("/webui/api/service", methods=["GET"])
     def _get_version(self, request: IRequest) -> bytes:
         if "version_fail" in self.faults:
             return _plain(request, 500, b"version check failed")
@@ -365,7 +395,8 @@ class SimulatedEngine:
             return _json(request, {"result": None, "error": "unknown method"})
         return _json(request, {"result": VERSION, "error": None})
 
-    def _getstream(self, request: IRequest) -> bytes | int:
+    @app.route("/ace/getstream", methods=["GET"])
+    def _getstream(self, request: IRequest) -> bytes | Deferred[None]:
         param, infohash = _content_param(request)
         if param is not None:
             self.getstream_calls.append((param, infohash))
@@ -395,16 +426,18 @@ class SimulatedEngine:
             },
         )
 
-    def _getstream_fault(self, request: IRequest) -> bytes | int | None:
+    def _getstream_fault(self, request: IRequest) -> bytes | Deferred[None] | None:
         """The broken answer an active getstream fault calls for, if any."""
         if "getstream_hang" in self.faults:
             self.log.info("getstream left unanswered (getstream_hang)")
-            return NOT_DONE_YET
+            # Never fires; Klein cancels it when the client goes away.
+            return Deferred()
         if "getstream_500" in self.faults:
             return _plain(request, 500, b"boom")
         if "getstream_garbage" in self.faults:
-            request.setHeader(b"Content-Type", b"text/html")
-            return b"<html><body>Service Unavailable</body></html>"
+            return _answer(
+                request, 200, b"text/html", b"<html><body>Service Unavailable</body></html>"
+            )
         if "getstream_wrong_shape" in self.faults:
             return _json(request, {"response": {"foo": 1}, "error": None})
         if "getstream_error" in self.faults:
@@ -423,7 +456,10 @@ class SimulatedEngine:
             return "http://" + host.decode("latin-1")
         return f"http://{request.getHost().host}:{port}"
 
-    def _playback(self, request: IRequest, infohash: str, session_id: str) -> bytes | int:
+    @app.route(f"/ace/r/{_SESSION}", methods=["GET"])
+    def _playback(
+        self, request: IRequest, infohash: str, session_id: str
+    ) -> bytes | Deferred[None]:
         session = self._session(infohash, session_id)
         if session is None:
             return _plain(request, 404, b"unknown playback session")
@@ -444,8 +480,9 @@ class SimulatedEngine:
             seq=playback.next_seq,
         )
         playback.start()
-        return NOT_DONE_YET
+        return playback.ended
 
+    @app.route(f"/ace/stat/{_SESSION}", methods=["GET"])
     def _stat(self, request: IRequest, infohash: str, session_id: str) -> bytes:
         session = self._session(infohash, session_id)
         if session is None:
@@ -465,6 +502,7 @@ class SimulatedEngine:
             },
         )
 
+    @app.route(f"/ace/cmd/{_SESSION}", methods=["GET"])
     def _command(self, request: IRequest, infohash: str, session_id: str) -> bytes:
         method = _arg(request, "method")
         if method != "stop":
@@ -481,13 +519,20 @@ class SimulatedEngine:
             return None
         return session
 
-    def _set_fault(self, request: IRequest, name: str) -> bytes:
+    @app.route("/sim/faults/<segment:name>", methods=["POST"])
+    def _fault_on(self, request: IRequest, name: str) -> bytes:
+        return self._switch_fault(request, name, self.faults.add)
+
+    @app.route("/sim/faults/<segment:name>", methods=["DELETE"])
+    def _fault_off(self, request: IRequest, name: str) -> bytes:
+        return self._switch_fault(request, name, self.faults.discard)
+
+    def _switch_fault(
+        self, request: IRequest, name: str, switch: Callable[[str], None]
+    ) -> bytes:
         if name not in FAULTS:
             return _json(request, {"error": f"unknown fault {name!r}"}, code=404)
-        if request.method == b"POST":
-            self.faults.add(name)
-        else:
-            self.faults.discard(name)
+        switch(name)
         self.log.info(
             "Fault {fault} {action}",
             fault=name,
@@ -495,66 +540,54 @@ class SimulatedEngine:
         )
         return _json(request, {"faults": sorted(self.faults)})
 
+    @app.route("/sim/drop", methods=["POST"])
     def _drop(self, request: IRequest) -> bytes:
         return _json(request, {"dropped": self.drop_playback()})
 
+    @app.route("/sim/state", methods=["GET"])
     def _state(self, request: IRequest) -> bytes:
         return _json(request, self.state())
 
-    def _route(self, request: IRequest) -> bytes | int:
-        """Dispatch a request on its path segments, then its method."""
-        segments = request.path.decode("latin-1").strip("/").split("/")
-        match segments:
-            case ["webui", "api", "service"]:
-                return _allow(request, b"GET", self._get_version)
-            case ["ace", "getstream"]:
-                return _allow(request, b"GET", self._getstream)
-            case ["ace", "r", infohash, session_id]:
-                return _allow(request, b"GET", self._playback, infohash, session_id)
-            case ["ace", "stat", infohash, session_id]:
-                return _allow(request, b"GET", self._stat, infohash, session_id)
-            case ["ace", "cmd", infohash, session_id]:
-                return _allow(request, b"GET", self._command, infohash, session_id)
-            case ["sim", "faults", name]:
-                return _allow(request, b"POST DELETE", self._set_fault, name)
-            case ["sim", "drop"]:
-                return _allow(request, b"POST", self._drop)
-            case ["sim", "state"]:
-                return _allow(request, b"GET", self._state)
+    # Answers for requests no route takes, in the engine's plain text.
+
+    @app.handle_errors(NotFound)
+    def _not_found(self, request: IRequest, failure: Failure) -> bytes:
         return _plain(request, 404, b"not found")
 
-
-@implementer(IResource)
-@attrs.define(eq=False)
-class _EngineResource:
-    """
-    The engine's HTTP API as a leaf resource: it routes on the whole path
-    itself, since playback and session URLs embed ids.
-    """
-
-    isLeaf = True
-    _engine: SimulatedEngine
-
-    def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
-        raise NotImplementedError("a leaf resource has no children")
-
-    def putChild(self, path: bytes, child: IResource) -> None:
-        raise NotImplementedError("a leaf resource has no children")
-
-    def render(self, request: IRequest) -> bytes | int:
-        return self._engine._route(request)
-
-
-def _allow(
-    request: IRequest,
-    methods: bytes,
-    handler: Callable[..., bytes | int],
-    *args: str,
-) -> bytes | int:
-    """Call C{handler} if the request's method is one of C{methods}."""
-    if request.method not in methods.split():
+    @app.handle_errors(MethodNotAllowed)
+    def _wrong_method(self, request: IRequest, failure: Failure) -> bytes:
         return _plain(request, 405, b"method not allowed")
-    return handler(request, *args)
+
+
+def _without_implicit_head(app: Klein) -> None:
+    """
+    Take back the HEAD that werkzeug lets into every GET route.  A HEAD of
+    C{getstream} would open a session and one of a playback URL would stream
+    into a body nobody reads; the engine answers HEAD with 405, as it always
+    has.
+    """
+    for rule in app.url_map.iter_rules():
+        rule.methods.discard("HEAD")
+
+
+_without_implicit_head(SimulatedEngine.app)
+
+
+class _EngineRoutes(KleinResource):
+    """
+    Klein's resource, routing on the path as the engine always has: as sent
+    (escapes not undone, any byte taken as latin-1) and with its leading
+    and trailing slashes ignored.  Klein would route on the unescaped
+    segments instead, and answer a path that is not UTF-8 with a 400.  (A
+    Host header that is not UTF-8 still gets that 400: Klein decodes the
+    host name before it tries any route.)
+    """
+
+    def render(self, request: IRequest) -> int:
+        path = request.path.decode("latin-1").strip("/")
+        # Klein joins these and decodes them as UTF-8: back to C{path}.
+        request.postpath = [segment.encode("utf-8") for segment in path.split("/")]
+        return super().render(request)
 
 
 def _arg(request: IRequest, name: str) -> str | None:
@@ -575,12 +608,20 @@ def _content_param(request: IRequest) -> tuple[str | None, str]:
 
 
 def _json(request: IRequest, body: object, code: int = 200) -> bytes:
-    request.setResponseCode(code)
-    request.setHeader(b"Content-Type", b"application/json")
-    return json.dumps(body).encode("utf-8")
+    return _answer(request, code, b"application/json", json.dumps(body).encode("utf-8"))
 
 
 def _plain(request: IRequest, code: int, body: bytes) -> bytes:
+    return _answer(request, code, b"text/plain", body)
+
+
+def _answer(request: IRequest, code: int, content_type: bytes, body: bytes) -> bytes:
+    """
+    Set the head of a whole answer.  Its length is given, as Twisted gives
+    it for a body a resource returns: Klein writes the body instead, which
+    would go out chunked, or end only with the connection.
+    """
     request.setResponseCode(code)
-    request.setHeader(b"Content-Type", b"text/plain")
+    request.setHeader(b"Content-Type", content_type)
+    request.setHeader(b"Content-Length", b"%d" % len(body))
     return body
