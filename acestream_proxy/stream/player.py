@@ -22,13 +22,6 @@ from .fanout import FanOut
 from .sendpath import direct_writer
 from .window import Chunk
 
-#: The C{bufferSize} of a player's transport: more than this queued pauses
-#: the player's producer.  Not 0: Twisted also reads at most C{bufferSize}
-#: bytes at a time, and a read of 0 bytes comes back empty, which it takes
-#: for the end of the connection; a player that sent anything more while it
-#: played (a pipelined request) would be cut off mid-body.
-PLAYER_BUFFER_SIZE = 1
-
 
 @attrs.frozen
 class PlayerInfo:
@@ -71,6 +64,7 @@ class PlayerProducer:
     _write: Callable[[bytes], None] | None = attrs.field(default=None, init=False)
     _stall: object = attrs.field(default=None, init=False)
     _chunked: bool = attrs.field(default=False, init=False)
+    _counted: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.done = Deferred(lambda _: self._detach())
@@ -83,15 +77,16 @@ class PlayerProducer:
         request = self.request
         request.write(b"")
         self._chunked = bool(request.chunked)
-        transport = request.transport
+        # twisted.web's request counts its body bytes for the access log;
+        # ours bypass its write, so they are added to that count here.
+        self._counted = hasattr(request, "sentLength")
         # Chunks are sent pre-framed straight to the transport: the same bytes
-        # object for every player, no per-player framing.
-        self._write = direct_writer(transport)
-        # Pause as soon as the kernel does not take a whole chunk: a stuck
-        # player then holds at most the rest of one chunk in our memory, and
-        # catches up from the shared window when its socket drains.
-        if hasattr(transport, "bufferSize"):
-            transport.bufferSize = PLAYER_BUFFER_SIZE
+        # object for every player, no per-player framing.  The writer pauses
+        # this producer as soon as the kernel does not take a whole chunk: a
+        # stuck player then holds at most the rest of one chunk in our
+        # memory, and catches up from the shared window when its socket
+        # drains (see sendpath.pausing_writer).
+        self._write = direct_writer(request.transport)
         self.fanout.add(self)
         request.registerProducer(self, True)
         self.position = self.fanout.join_position()
@@ -105,7 +100,10 @@ class PlayerProducer:
         self.position = chunk.index + 1
         if self._chunked:
             framed = chunk.framed
-            self.bytes_sent += len(framed) - chunk.start - 2
+            size = len(framed) - chunk.start - 2
+            self.bytes_sent += size
+            if self._counted:
+                self.request.sentLength += size
             self._write(framed)
         else:
             self._write_raw(chunk)
@@ -131,7 +129,10 @@ class PlayerProducer:
                 return
             self.position = position + 1
             if self._chunked:
-                self.bytes_sent += chunk.size
+                size = chunk.size
+                self.bytes_sent += size
+                if self._counted:
+                    self.request.sentLength += size
                 self._write(chunk.framed)
             else:
                 self._write_raw(chunk)
@@ -141,7 +142,10 @@ class PlayerProducer:
         An HTTP/1.0 player takes the bare packets: a copy, on a path that
         players rarely take.
         """
-        self.bytes_sent += chunk.size
+        size = chunk.size
+        self.bytes_sent += size
+        if self._counted:
+            self.request.sentLength += size
         self._write(bytes(chunk.data))
 
     # IPushProducer
