@@ -37,7 +37,7 @@ async def registry_on(store_url, clock, **tuning):
     else:
         store = RedisStore(
             url=store_url,
-            clock=reactor,
+            reactor=reactor,
             worker_id="worker-1",
             buffer_chunks=tuning.buffer_chunks,
             chunk_ttl=tuning.chunk_ttl,

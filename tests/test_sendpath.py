@@ -131,7 +131,7 @@ class Served:
         for _ in range(count):
             index = self.next_index
             chunk = Chunk.make(index, packets(index * size, size), added_at=0.0)
-            self.follower.publish(chunk)
+            self.follower.deliver(chunk)
             self.next_index += 1
             chunks.append(chunk)
         return chunks

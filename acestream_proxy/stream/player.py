@@ -2,7 +2,7 @@
 One player's end of a stream: an L{IPushProducer} registered on its request,
 fed from the stream's L{FanOut}.
 
-A player that keeps up is on the follower's live list and gets each chunk the
+A player that keeps up is on the fan-out's live list and gets each chunk the
 moment it arrives.  When its socket fills, the transport pauses it; on resume
 it reads the window from where it stopped.  If the window has moved past that
 point, the player jumps to the newest chunk (a skip) rather than holding
@@ -95,7 +95,7 @@ class PlayerProducer:
 
     def offer(self, chunk: Chunk) -> None:
         """
-        The follower's hot path: a new chunk for a player that is caught up.
+        The fan-out's hot path: a new chunk for a player that is caught up.
         """
         self.position = chunk.index + 1
         if self._chunked:
@@ -205,7 +205,7 @@ class PlayerProducer:
 
     def _detach(self) -> bool:
         """
-        Leave the follower and release the request; true the first time.
+        Leave the fan-out and release the request; true the first time.
         """
         if self.finished:
             return False
