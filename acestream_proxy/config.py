@@ -19,11 +19,10 @@ from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet.endpoints import serverFromString
-from twisted.python import usage
 
 _DEFAULT_PORTS = MappingProxyType({"http": 80, "https": 443})
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_REDIS_SHAPE = "redis://host[:port][/db] or unix:///path[?db=N]"
+REDIS_SHAPE = "redis://host[:port][/db] or unix:///path[?db=N]"
 # Counts for which zero is meaningful: start at the live edge, never reconnect.
 _MAY_BE_ZERO = frozenset({"join_chunks", "max_reconnects"})
 
@@ -190,82 +189,6 @@ def engine_from_url(
     )
 
 
-class Options(usage.Options):
-    """
-    Command-line options of the C{aceproxy} twistd plugin.  After parsing,
-    C{self.config} holds the validated L{Config}.
-    """
-
-    synopsis = "[options]"
-    longdesc = (
-        "Lets many video players watch one AceStream broadcast through a "
-        "single engine session: players connect over HTTP and share one "
-        "MPEG-TS stream fetched once from an AceStream engine. Settings come "
-        "from the command line, then the --config file, then defaults."
-    )
-    optParameters = [
-        ["config", "c", None, "TOML configuration file."],
-        [
-            "listen",
-            "l",
-            None,
-            "Endpoint to serve players on, e.g. tcp:8000 or "
-            "systemd:domain=INET:index=0 [default: tcp:8000].",
-        ],
-        [
-            "redis",
-            None,
-            None,
-            f"Shared store, {_REDIS_SHAPE} [default: in memory].",
-        ],
-        [
-            "admin-token",
-            None,
-            None,
-            "Bearer token for administrative requests [default: none: loopback only].",
-        ],
-    ]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self["engine-flags"] = []
-
-    def opt_engine(self, url: str) -> None:
-        """Engine URL, e.g. http://127.0.0.1:6878 (repeatable; replaces the file's engines)."""
-        self["engine-flags"].append((url, False))
-
-    def opt_forwarded_engine(self, url: str) -> None:
-        """Like --engine, for an engine whose peer-to-peer port is forwarded; preferred on equal load (repeatable)."""
-        self["engine-flags"].append((url, True))
-
-    def postOptions(self) -> None:
-        """
-        Build the configuration now, so that a mistake stops twistd with one
-        line before anything starts.
-        """
-        try:
-            file_data = load_file(self["config"]) if self["config"] else {}
-            engines = [
-                engine_from_url(
-                    url,
-                    forwarded=forwarded,
-                    key="--forwarded-engine" if forwarded else "--engine",
-                )
-                for url, forwarded in self["engine-flags"]
-            ]
-            self.config = build(
-                file_data,
-                {
-                    "listen": self["listen"],
-                    "redis": self["redis"],
-                    "admin_token": self["admin-token"],
-                    "engines": engines,
-                },
-            )
-        except ConfigError as err:
-            raise usage.UsageError(str(err)) from None
-
-
 def _names(cls: type) -> frozenset[str]:
     return frozenset(field.name for field in attrs.fields(cls))
 
@@ -386,7 +309,7 @@ def _redis_url(value: Any) -> str:
         and (_is_tcp_redis(value) or _is_unix_redis(value))
     ):
         return value
-    raise ConfigError(f"redis: expected {_REDIS_SHAPE}, got {_show(value)}")
+    raise ConfigError(f"redis: expected {REDIS_SHAPE}, got {_show(value)}")
 
 
 def _is_tcp_redis(url: str) -> bool:

@@ -12,10 +12,11 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import succeed
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from .config import Config, Options
+from .config import Config
 from .engine.api import EngineAPI
 from .engine.registry import Engine, EngineRegistry
 from .http.routes import make_site
+from .options import Options
 from .store.memory import MemoryStore
 from .store.redis import RedisStore
 from .stream.registry import StreamRegistry

@@ -18,12 +18,12 @@ from acestream_proxy.config import (
     Config,
     ConfigError,
     EngineConfig,
-    Options,
     Tuning,
     build,
     engine_from_url,
     load_file,
 )
+from acestream_proxy.options import Options
 
 EXAMPLE = pathlib.Path(__file__).parent.parent / "systemd" / "aceproxy.toml.example"
 

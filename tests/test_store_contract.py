@@ -33,8 +33,9 @@ from zope.interface import implementer
 from acestream_proxy.errors import Unavailable
 from acestream_proxy.store import keys as keys
 from acestream_proxy.store.base import NotOwner
+from acestream_proxy.store.connection import unavailable as _unavailable
 from acestream_proxy.store.memory import MemoryStore
-from acestream_proxy.store.redis import RedisStore, _unavailable
+from acestream_proxy.store.redis import RedisStore
 
 from .redis_server import RedisServer, free_port
 from .support import eventually

@@ -195,7 +195,12 @@ class MemoryStore:
         return succeed(self._owners.get(key))
 
     def publish(self, key: str, event: str, **fields) -> Deferred[None]:
-        message = {"event": event, "worker_id": self.worker_id, "ts": self.clock.seconds(), **fields}
+        message = {
+            "event": event,
+            "worker_id": self.worker_id,
+            "ts": self.clock.seconds(),
+            **fields,
+        }
         self._listeners.dispatch(key, message)
         return succeed(None)
 

@@ -24,9 +24,10 @@ import socket
 from typing import Callable
 
 import attrs
-import twisted
 from twisted.internet import abstract, tcp
 from twisted.logger import Logger
+
+import twisted
 
 log = Logger()
 

@@ -1,0 +1,84 @@
+"""
+The command line of C{twistd aceproxy}: flags that override the TOML file,
+validated into a L{Config} before anything starts.
+"""
+
+from twisted.python import usage
+
+from .config import REDIS_SHAPE, ConfigError, build, engine_from_url, load_file
+
+
+class Options(usage.Options):
+    """
+    Command-line options of the C{aceproxy} twistd plugin.  After parsing,
+    C{self.config} holds the validated L{Config}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Lets many video players watch one AceStream broadcast through a "
+        "single engine session: players connect over HTTP and share one "
+        "MPEG-TS stream fetched once from an AceStream engine. Settings come "
+        "from the command line, then the --config file, then defaults."
+    )
+    optParameters = [
+        ["config", "c", None, "TOML configuration file."],
+        [
+            "listen",
+            "l",
+            None,
+            "Endpoint to serve players on, e.g. tcp:8000 or "
+            "systemd:domain=INET:index=0 [default: tcp:8000].",
+        ],
+        [
+            "redis",
+            None,
+            None,
+            f"Shared store, {REDIS_SHAPE} [default: in memory].",
+        ],
+        [
+            "admin-token",
+            None,
+            None,
+            "Bearer token for administrative requests [default: none: loopback only].",
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["engine-flags"] = []
+
+    def opt_engine(self, url: str) -> None:
+        """Engine URL, e.g. http://127.0.0.1:6878 (repeatable; replaces the file's engines)."""
+        self["engine-flags"].append((url, False))
+
+    def opt_forwarded_engine(self, url: str) -> None:
+        """Like --engine, for an engine whose peer-to-peer port is forwarded; preferred on equal load (repeatable)."""
+        self["engine-flags"].append((url, True))
+
+    def postOptions(self) -> None:
+        """
+        Build the configuration now, so that a mistake stops twistd with one
+        line before anything starts.
+        """
+        try:
+            file_data = load_file(self["config"]) if self["config"] else {}
+            engines = [
+                engine_from_url(
+                    url,
+                    forwarded=forwarded,
+                    key="--forwarded-engine" if forwarded else "--engine",
+                )
+                for url, forwarded in self["engine-flags"]
+            ]
+            self.config = build(
+                file_data,
+                {
+                    "listen": self["listen"],
+                    "redis": self["redis"],
+                    "admin_token": self["admin-token"],
+                    "engines": engines,
+                },
+            )
+        except ConfigError as err:
+            raise usage.UsageError(str(err)) from None

@@ -1,0 +1,124 @@
+"""
+The Lua scripts of the Redis store.  Every multi-key change is one script, so
+it costs one round trip and cannot be seen half done.
+"""
+
+# Only the lease holder may append: a stale owner (one that stood still past
+# its lease) is refused, so its chunks cannot land after the new owner's.
+#
+# The chunk_added message is encoded by cjson, so that no worker id can break
+# it.  Its time, ARGV[8], is the JSON number Python wrote, put in whole: cjson
+# prints numbers with at most 14 significant digits, which would round a Unix
+# time to 100 microseconds and print a whole second as an integer.
+APPEND = """
+if redis.call('GET', KEYS[3]) ~= ARGV[7] then return -1 end
+local index = redis.call('INCR', KEYS[1])
+redis.call('SET', ARGV[4] .. index, ARGV[1], 'PX', ARGV[2])
+local old = index - tonumber(ARGV[3])
+if old > 0 then redis.call('DEL', ARGV[4] .. old) end
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+local fields = cjson.encode({event = ARGV[5], worker_id = ARGV[7], index = index})
+redis.call('PUBLISH', KEYS[2], '{"ts": ' .. ARGV[8] .. ', ' .. string.sub(fields, 2))
+return index
+"""
+
+# Reads from the oldest chunk still in the window at or after ARGV[1]: chunks
+# that left the window or expired are skipped, not counted against the limit,
+# as the embedded buffer does.  One MGET per batch of at most 500 names keeps
+# the work per chunk one command and the arguments within what unpack takes.
+READ = """
+local index = tonumber(redis.call('GET', KEYS[1]) or '0')
+local limit = tonumber(ARGV[2])
+local i = math.max(1, tonumber(ARGV[1]), index - tonumber(ARGV[3]) + 1)
+local found = {}
+while i <= index and #found < 2 * limit do
+  local last = math.min(index, i + math.min(limit - #found / 2, 500) - 1)
+  local names = {}
+  for n = i, last do names[#names + 1] = ARGV[4] .. n end
+  local values = redis.call('MGET', unpack(names))
+  for n = 1, #names do
+    if values[n] then
+      found[#found + 1] = i + n - 1
+      found[#found + 1] = values[n]
+    end
+  end
+  i = last + 1
+end
+return found
+"""
+
+# KEYS[1] is the buffer index, ARGV[1] the chunk key prefix, ARGV[2] the
+# window size: every chunk the window can hold goes with the index.
+DELETE_CHUNKS = """
+local index = tonumber(redis.call('GET', KEYS[1]) or '0')
+for i = math.max(1, index - tonumber(ARGV[2]) + 1), index do
+  redis.call('DEL', ARGV[1] .. i)
+end
+redis.call('DEL', KEYS[1])
+"""
+
+DELETE_BUFFER = DELETE_CHUNKS + "return 1\n"
+
+# KEYS: buffer index, owner, metadata, clients, last disconnect time.
+DELETE_STREAM = (
+    DELETE_CHUNKS
+    + """
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+  redis.call('DEL', ARGV[3] .. id)
+end
+redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
+if redis.call('GET', KEYS[2]) == ARGV[4] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+)
+
+# Adding a client replaces its hash whole, as the embedded store does.
+ADD_CLIENT = """
+redis.call('SADD', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], unpack(ARGV, 4))
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return 1
+"""
+
+UPDATE_CLIENT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+REMOVE_CLIENT = """
+redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+return redis.call('SCARD', KEYS[1])
+"""
+
+LIST_CLIENTS = """
+local found = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  table.insert(found, id)
+  table.insert(found, redis.call('HGETALL', ARGV[1] .. id))
+end
+return found
+"""
+
+PUT_STREAM = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+# Renewing the lease also keeps the stream's other keys alive.
+RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+for i = 2, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+return 1
+"""
+
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
