@@ -1,6 +1,6 @@
 """
 Lifetimes: nothing a stream starts outlives it.  After every way a stream
-stops (idle, DELETE, a failed start, hand-over) its clock has no
+stops (idle, DELETE, a failed start, hand-over, shutdown) its clock has no
 delayed call left and it has no background work pending, on both stores;
 periodic work survives its failures; the idle check and a cancelled join
 leave the stream and its lease as they should.
@@ -21,7 +21,7 @@ from acestream_proxy.config import Tuning
 from acestream_proxy.engine.registry import Engine, EngineRegistry
 from acestream_proxy.store.memory import MemoryStore
 from acestream_proxy.store.redis import RedisStore
-from acestream_proxy.stream.registry import StreamRegistry
+from acestream_proxy.stream.registry import SHUTDOWN_DRAIN, StreamRegistry
 
 from .fakes import FakeEngineAPI, FakeRequest, packets
 
@@ -92,9 +92,22 @@ async def stopped(stream) -> None:
 
 async def shut_down(clock, registry, store) -> None:
     """
-    Stop the registry (it has no stream left here) and the Redis store.
+    Stop the registry and the Redis store.  Shutdown gives the players'
+    connections up to C{SHUTDOWN_DRAIN} seconds of the registry's clock to
+    drain, and the store's I/O needs turns of the real reactor.
     """
-    await registry.stopService()
+    for stream in registry.streams.values():
+        for player in stream.players:
+            # What the HTTP channel does for a real player's transport.
+            player.request.transport.registerProducer(player, True)
+    finished = []
+    registry.stopService().addBoth(finished.append)
+    for _ in range(int(SHUTDOWN_DRAIN / 0.02) + 100):
+        if finished:
+            break
+        clock.advance(0.02)
+        await deferLater(reactor, 0, lambda: None)
+    assert finished
     if isinstance(store, RedisStore):
         await store.stopService()
 
@@ -156,6 +169,18 @@ async def test_hand_over_leaves_nothing(store_url):
     assert api.stops == []
     assert await store.get_owner(KEY) is None
     await shut_down(clock, registry, store)
+    assert_nothing_left(clock, registry, stream)
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutdown_leaves_nothing(store_url):
+    clock = Clock()
+    registry, api, store = await registry_on(store_url, clock)
+    stream, request = await playing(registry, api)
+    await shut_down(clock, registry, store)
+    assert api.stops == ["session-1"]
+    assert request.producer is None
+    assert registry.tasks.pending == set()
     assert_nothing_left(clock, registry, stream)
 
 
