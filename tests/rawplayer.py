@@ -11,15 +11,20 @@ from twisted.internet.protocol import Factory, Protocol
 
 
 class RawPlayer(Protocol):
-    def __init__(self, path: str) -> None:
-        self.path = path
+    """
+    A player on a plain socket: sends its request (a GET of C{path}, or the
+    given C{request} bytes), keeps every byte.
+    """
+
+    def __init__(self, path: str = "/", request: bytes | None = None) -> None:
+        self.request = request or (
+            b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: raw\r\n\r\n" % path.encode()
+        )
         self.raw = bytearray()
         self.closed = False
 
     def connectionMade(self) -> None:
-        self.transport.write(
-            b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: raw\r\n\r\n" % self.path.encode()
-        )
+        self.transport.write(self.request)
 
     def dataReceived(self, data: bytes) -> None:
         self.raw += data
@@ -34,9 +39,15 @@ class RawPlayer(Protocol):
 
     def body(self) -> bytes:
         """
-        The complete chunks received so far, decoded.
+        The body received so far: for a chunked response, its complete
+        chunks decoded.
         """
-        pos = self.raw.find(b"\r\n\r\n") + 4
+        head = self.head
+        if head is None:
+            return b""
+        pos = len(head) + 4
+        if b"chunked" not in head.lower():
+            return bytes(self.raw[pos:])
         body = bytearray()
         while True:
             end = self.raw.find(b"\r\n", pos)

@@ -22,7 +22,7 @@ import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import abstract, reactor, tcp
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -36,6 +36,7 @@ from acestream_proxy.stream.window import Chunk, ChunkWindow
 from acestream_proxy.testing.synthetic import verify
 
 from .fakes import packets
+from .rawplayer import RawPlayer
 from .support import eventually
 
 #: Packets in a chunk: about 9 KB, which a socket with room takes whole.
@@ -57,51 +58,6 @@ def queued(transport) -> int:
 
 
 # --- a raw player -------------------------------------------------------------
-
-
-class RawClient(Protocol):
-    """
-    A player on a plain socket: sends its request, keeps every byte.
-    """
-
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.raw = bytearray()
-        self.closed = False
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.request)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.raw += data
-
-    def connectionLost(self, reason) -> None:
-        self.closed = True
-
-    @property
-    def head(self) -> bytes | None:
-        end = self.raw.find(b"\r\n\r\n")
-        return bytes(self.raw[:end]) if end >= 0 else None
-
-    def body(self) -> bytes:
-        """
-        The body received so far: for a chunked response, its complete
-        chunks decoded.
-        """
-        pos = self.raw.find(b"\r\n\r\n") + 4
-        if b"chunked" not in self.head.lower():
-            return bytes(self.raw[pos:])
-        body = bytearray()
-        while True:
-            end = self.raw.find(b"\r\n", pos)
-            if end < 0:
-                break
-            size = int(self.raw[pos:end], 16)
-            if len(self.raw) < end + 4 + size:
-                break
-            body += self.raw[end + 2 : end + 2 + size]
-            pos = end + 4 + size
-        return bytes(body)
 
 
 # --- the server -----------------------------------------------------------------
@@ -136,7 +92,7 @@ class Served:
             chunks.append(chunk)
         return chunks
 
-    def connect(self, version: bytes = b"HTTP/1.1", rcvbuf: int = 1 << 20) -> RawClient:
+    def connect(self, version: bytes = b"HTTP/1.1", rcvbuf: int = 1 << 20) -> RawPlayer:
         """
         A player with a receive buffer of C{rcvbuf}: a small one fills
         within a few chunks once the player stops reading.
@@ -145,7 +101,7 @@ class Served:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.connect(("127.0.0.1", self.port.getHost().port))
         sock.setblocking(False)
-        client = RawClient(b"GET /stream %s\r\nHost: 127.0.0.1\r\n\r\n" % version)
+        client = RawPlayer(request=b"GET /stream %s\r\nHost: 127.0.0.1\r\n\r\n" % version)
         reactor.adoptStreamConnection(
             sock.fileno(), socket.AF_INET, Factory.forProtocol(lambda: client)
         )
@@ -153,7 +109,7 @@ class Served:
         self.clients.append(client)
         return client
 
-    async def player(self, client: RawClient) -> PlayerProducer:
+    async def player(self, client: RawPlayer) -> PlayerProducer:
         """
         The producer of C{client}, once its response headers arrived.
         """
