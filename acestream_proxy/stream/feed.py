@@ -87,6 +87,10 @@ class EngineFeed(MultiService):
         C{takeover} when it still plays, else on a new session of the chosen
         engine; fire once its first data reached the players.
         """
+        if takeover:
+            # A new owner counts on from the previous owner's reconnections,
+            # whether or not its session still plays.
+            self.reconnects += int(float(takeover.get(Meta.RECONNECTS) or 0))
         if not (takeover and await self._reuse(takeover)):
             if self.engine is None:
                 self.engine = await self.choose_engine()
@@ -121,7 +125,6 @@ class EngineFeed(MultiService):
             )
             return False
         self.engine, self.playback = engine, playback
-        self.reconnects = int(float(meta.get(Meta.RECONNECTS) or 0))
         self._read(response)
         return True
 

@@ -132,7 +132,8 @@ class Ownership:
         """
         stream = self.stream
         self.log.warn("stream {key}: the owner is gone; taking the stream over", key=stream.key)
-        stream.starting = stream.tasks.run(self._take_over())
+        stream.starting = True
+        stream.tasks.run(self._take_over())
 
     async def _take_over(self) -> None:
         stream = self.stream
@@ -150,11 +151,11 @@ class Ownership:
             return
         except Exception as e:
             self.log.warn("stream {key}: takeover failed: {why}", key=stream.key, why=e)
-            stream.starting = None
+            stream.starting = False
             stream.stop("takeover failed")
             return
         finally:
-            stream.starting = None
+            stream.starting = False
         await stream.now_owning("taken over", Event.OWNER_CHANGED)
 
     async def hand_over(self) -> None:

@@ -26,6 +26,7 @@ from typing import Awaitable, Callable
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -81,7 +82,8 @@ class Stream(MultiService):
     idle: IdleCheck = attrs.field(init=False)
     ownership: Ownership = attrs.field(init=False)
     ready: Readiness = attrs.field(factory=Readiness, init=False)
-    starting: Deferred | None = attrs.field(default=None, init=False)
+    #: Whether the source is being opened (a start or a takeover under way).
+    starting: bool = attrs.field(default=False, init=False)
     _stopped: Deferred | None = attrs.field(default=None, init=False)
     _why: tuple = attrs.field(default=("stopped", False), init=False)
 
@@ -172,7 +174,10 @@ class Stream(MultiService):
         else:
             self.swap(self.ownership.tail())
             start = self._start_follower()
-        self.starting = self.tasks.run(start)
+        # Set before the start runs: it clears it once the source is open,
+        # which it may do before Tasks.run returns.
+        self.starting = True
+        self.tasks.run(start)
 
     def swap(self, source: EngineFeed | BufferTail) -> None:
         """
@@ -189,7 +194,7 @@ class Stream(MultiService):
         except Exception as e:
             return self._start_failed(e)
         finally:
-            self.starting = None
+            self.starting = False
         await self.now_owning("started", Event.STREAM_STARTED)
         self._open_to_players()
 
@@ -199,7 +204,7 @@ class Stream(MultiService):
         except Exception as e:
             return self._start_failed(e)
         finally:
-            self.starting = None
+            self.starting = False
         self.log.info("stream {key}: following its owner's buffer", key=self.key)
         self._open_to_players()
 
@@ -277,7 +282,8 @@ class Stream(MultiService):
         elif kind == Event.STREAM_STOPPING and not mine and not owner:
             self.stop("its owner stopped it")
         elif kind == Event.OWNER_CHANGED and not mine and event.get("handover"):
-            self.clock.callLater(0, lambda: self.tasks.run(self.ownership.tick))
+            # One of the stream's tasks, so that stopping it cancels the call.
+            self.tasks.run(deferLater(self.clock, 0, self.tasks.run, self.ownership.tick))
 
     # Stopping
 
@@ -327,7 +333,7 @@ class Stream(MultiService):
         try:
             await self.store.put_stream(self.key, self.metadata())
         except Unavailable:
-            if self.role is Role.OWNER and self.starting is not None:
+            if self.role is Role.OWNER and self.starting:
                 raise
 
     def write_metadata(self) -> None:
