@@ -6,14 +6,13 @@ engine probes and client heartbeats), each undone by its own C{stopService}.
 
 import uuid
 
-from treq.client import HTTPClient
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import succeed
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from .config import Config
-from .engine.api import EngineAPI
+from .engine.api import EngineAPI, EngineClient
 from .engine.registry import Engine, EngineRegistry
 from .http.routes import make_site
 from .options import Options
@@ -93,7 +92,9 @@ def make_service(config: Config, reactor=None, listen: bool = True) -> MultiServ
         _named(store, "store", top)
     pool = HTTPConnectionPool(reactor)
     _named(_ConnectionPool(pool), "engine-pool", top)
-    http = HTTPClient(Agent(reactor, connectTimeout=tuning.engine_connect_timeout, pool=pool))
+    # An EngineClient follows no redirect: engines are reached at their
+    # configured address only.
+    http = EngineClient(Agent(reactor, connectTimeout=tuning.engine_connect_timeout, pool=pool))
     api = EngineAPI(http, reactor, tuning.engine_timeout, tuning.first_byte_timeout)
     engines = EngineRegistry([Engine.from_config(engine) for engine in config.engines], api)
     streams = StreamRegistry(store, engines, api, reactor, tuning, worker_id)

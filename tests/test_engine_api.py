@@ -9,11 +9,11 @@ wall clock: what a test has not made happen has not happened.
 from __future__ import annotations
 
 import json
-from typing import Any, Coroutine
+from typing import Any, Callable, Coroutine
 
 import attrs
 import pytest
-from treq.testing import StubTreq
+from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, LoopingCall
@@ -23,7 +23,16 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
-from acestream_proxy.engine.api import MAX_ANSWER, STOP_TIMEOUT, EngineAPI, Playback, check_url
+from acestream_proxy.engine.api import (
+    MAX_ANSWER,
+    STOP_TIMEOUT,
+    TEXT_LIMIT,
+    EngineAPI,
+    EngineClient,
+    Playback,
+    check_url,
+    engine_text,
+)
 from acestream_proxy.engine.registry import Engine
 from acestream_proxy.errors import EngineError, EngineTimeout
 from acestream_proxy.stream.mpegts import PACKET_SIZE
@@ -80,16 +89,19 @@ class Bench:
         resource: IResource | None = None,
         timeout: float = TIMEOUT,
         clock: Clock | None = None,
+        wrap: Callable[[SimulatedEngine], IResource] | None = None,
     ) -> Bench:
         """
         A bench on the simulated engine, or on C{resource} for answers the
-        engine never gives (its C{engine} then sees no request).
+        engine never gives (its C{engine} then sees no request), or on what
+        C{wrap} puts in front of the engine.
         """
         clock = clock or Clock()
         engine = SimulatedEngine(
             clock, bitrate=PPS * PACKET_SIZE * 8, batch_interval=INTERVAL
         )
-        seen = Seen(resource or engine.resource())
+        front = wrap(engine) if wrap else engine.resource()
+        seen = Seen(resource or front)
         stub = StubTreq(seen)
         return cls(clock, engine, seen, stub, EngineAPI(stub, clock, timeout, FIRST_BYTE_TIMEOUT))
 
@@ -447,11 +459,251 @@ def test_check_url_refuses_other_addresses(url: str) -> None:
     assert info.value.message == "engine engine-a gave a playback_url outside its own host and port"
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://evil@127.0.0.1:6878/ace/r/x",
+        "http://evil:secret@127.0.0.1:6878/ace/r/x",
+        "http://:secret@127.0.0.1:6878/ace/r/x",
+        "http://@127.0.0.1:6878/ace/r/x",
+        "https://evil@127.0.0.1:6878/ace/r/x",
+    ],
+)
+def test_check_url_refuses_userinfo_like_a_foreign_host(url: str) -> None:
+    """
+    The host and port are the engine's, but userinfo is no part of an
+    engine's URL: it would be sent as credentials, or hide the real host
+    from whoever reads the URL.
+    """
+    with pytest.raises(EngineError) as info:
+        check_url(ENGINE, url, "playback_url")
+    assert info.value.message == "engine engine-a gave a playback_url outside its own host and port"
+
+
+class WithUserinfo(Resource):
+    """
+    The simulated engine, except that C{getstream} opens a session whose
+    C{which} URL carries C{evil@} before the engine's own host and port.
+    """
+
+    isLeaf = True
+    which = "playback_url"
+
+    def __init__(self, engine: SimulatedEngine) -> None:
+        super().__init__()
+        self.engine = engine
+        self.inner = engine.resource()
+
+    def render(self, request: IRequest) -> bytes | int:
+        if not request.path.startswith(b"/ace/getstream"):
+            return self.inner.render(request)
+        session = self.engine.open_session(HASH)
+        path = f"{HASH}/{session.session_id}"
+        urls = {
+            "playback_url": f"{URL}/ace/r/{path}",
+            "stat_url": f"{URL}/ace/stat/{path}",
+            "command_url": f"{URL}/ace/cmd/{path}",
+        }
+        urls[self.which] = urls[self.which].replace("http://", "http://evil@", 1)
+        response = dict(urls, playback_session_id=session.session_id, is_live=1)
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps({"response": response, "error": None}).encode()
+
+
+@pytest.mark.parametrize("which", ["playback_url", "stat_url", "command_url"])
+def test_getstream_with_userinfo_is_refused_and_its_session_stopped(which: str) -> None:
+    bench = Bench.make(wrap=WithUserinfo)
+    bench.seen.inner.which = which
+    error = refused(bench.start(bench.api.getstream(ENGINE, HASH)))
+    assert error == f"engine engine-a gave a {which} outside its own host and port"
+    (session_id,) = bench.engine.stopped
+    assert bench.engine.sessions == {}
+    assert bench.seen.requests == [
+        ("GET", "127.0.0.1:6878", f"/ace/getstream?format=json&infohash={HASH}"),
+        ("GET", "127.0.0.1:6878", f"/ace/cmd/{HASH}/{session_id}?method=stop"),
+    ]
+
+
 @pytest.mark.parametrize("url", [None, "", 42, ["http://127.0.0.1:6878/"]])
 def test_check_url_refuses_what_is_not_a_url(url: object) -> None:
     with pytest.raises(EngineError) as info:
         check_url(ENGINE, url, "command_url")
     assert info.value.message == "engine engine-a gave no command_url"
+
+
+# --- redirects -----------------------------------------------------------------------
+
+#: Where a redirecting engine points: a service the proxy must never contact.
+INTERNAL_HOST = "10.0.0.9:8080"
+INTERNAL_URL = f"http://{INTERNAL_HOST}/internal"
+
+
+class Redirecting(Resource):
+    """
+    The simulated engine, except that paths starting with C{prefix} answer
+    C{code} towards L{INTERNAL_URL}.  With StubTreq the internal host would
+    reach this resource too: it answers as an engine would, so that only
+    the host seen tells that the redirect was followed.
+    """
+
+    isLeaf = True
+
+    def __init__(self, engine: SimulatedEngine) -> None:
+        super().__init__()
+        self.inner = engine.resource()
+        self.prefix: str | None = None
+        self.code = 302
+
+    def render(self, request: IRequest) -> bytes | int:
+        if request.getHeader(b"host") == INTERNAL_HOST.encode():
+            request.setHeader(b"Content-Type", b"application/json")
+            answer = {"response": {}, "result": {"version": "internal"}, "error": None}
+            return json.dumps(answer).encode()
+        if self.prefix is not None and request.path.decode().startswith(self.prefix):
+            request.setResponseCode(self.code)
+            request.setHeader(b"Location", INTERNAL_URL.encode())
+            return b"moved"
+        return self.inner.render(request)
+
+
+def redirecting_bench() -> tuple[Bench, Redirecting]:
+    bench = Bench.make(wrap=Redirecting)
+    return bench, bench.seen.inner
+
+
+REDIRECTED_CALLS = [
+    ("/ace/getstream", "getstream", lambda api, playback: api.getstream(ENGINE, HASH)),
+    ("/ace/r/", "playback", lambda api, playback: api.open_playback(ENGINE, playback)),
+    ("/ace/stat/", "stat", lambda api, playback: api.stat(ENGINE, playback)),
+    ("/ace/cmd/", "stop", lambda api, playback: api.stop(ENGINE, playback)),
+    ("/webui/api/service", "get_version", lambda api, playback: api.version(ENGINE)),
+]
+
+
+@pytest.mark.parametrize(
+    "prefix, what, call", REDIRECTED_CALLS, ids=[what for _, what, _ in REDIRECTED_CALLS]
+)
+def test_no_engine_call_follows_a_redirect(prefix: str, what: str, call) -> None:
+    bench, front = redirecting_bench()
+    playback = bench.run(bench.api.getstream(ENGINE, HASH))
+    front.prefix = prefix
+    del bench.seen.requests[:]
+
+    error = refused(bench.start(call(bench.api, playback)))
+    assert error == f"engine engine-a answered {what} with a redirect (HTTP 302), not followed"
+    [(method, host, uri)] = bench.seen.requests
+    assert (method, host) == ("GET", "127.0.0.1:6878") and uri.startswith(prefix)
+    assert bench.engine.playback_connections == 0
+
+
+@pytest.mark.parametrize("code", [300, 301, 302, 303, 304, 307, 308])
+def test_every_redirect_status_is_an_engine_error(code: int) -> None:
+    bench, front = redirecting_bench()
+    front.prefix, front.code = "/ace/getstream", code
+    error = refused(bench.start(bench.api.getstream(ENGINE, HASH)))
+    assert error == (
+        f"engine engine-a answered getstream with a redirect (HTTP {code}), not followed"
+    )
+    assert [host for _, host, _ in bench.seen.requests] == ["127.0.0.1:6878"]
+
+
+def test_redirected_stop_of_an_unusable_answer_is_not_followed() -> None:
+    bench, front = redirecting_bench()
+    bench.engine.faults.add("foreign_playback")
+    front.prefix = "/ace/cmd/"
+    error = refused(bench.start(bench.api.getstream(ENGINE, HASH)))
+    assert error == "engine engine-a gave a playback_url outside its own host and port"
+    assert [host for _, host, _ in bench.seen.requests] == ["127.0.0.1:6878"] * 2
+    assert bench.seen.requests[1][2].startswith("/ace/cmd/")
+
+
+def test_engine_client_never_follows_even_when_asked() -> None:
+    """
+    The daemon's client refuses to follow on its own, whatever a caller
+    passes: a call that forgets C{allow_redirects=False} still stays put.
+    """
+    clock = Clock()
+    engine = SimulatedEngine(clock)
+    front = Redirecting(engine)
+    front.prefix = "/"
+    seen = Seen(front)
+    agent = RequestTraversalAgent(seen)
+    client = EngineClient(agent)
+    answering = client.get(f"{URL}/anything", allow_redirects=True)
+    agent.flush()
+    assert result(answering).code == 302
+    assert [host for _, host, _ in seen.requests] == ["127.0.0.1:6878"]
+
+
+# --- the engine's own text -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("simulated engine error", "simulated engine error"),
+        ("line1\nline2\r\tend", r"line1\nline2\r\tend"),
+        ("red \x1b[31m bell \x07 nul \x00 del \x7f", r"red \x1b[31m bell \x07 nul \x00 del \x7f"),
+        ("nel \x85 ls \u2028 ps \u2029", r"nel \x85 ls \u2028 ps \u2029"),
+        ("bidi \u202e zwsp \u200b bom \ufeff", r"bidi \u202e zwsp \u200b bom \ufeff"),
+        ("lone \ud800 surrogate", r"lone \ud800 surrogate"),
+        ("private \U000f0000 use", r"private \U000f0000 use"),
+        ("a \\n is not a line break", r"a \\n is not a line break"),
+        ("café, 日本, ♫", "café, 日本, ♫"),
+        (404, "404"),
+        ({"code": 1}, "{'code': 1}"),
+    ],
+)
+def test_engine_text_is_one_line_with_controls_escaped(text: object, shown: str) -> None:
+    assert engine_text(text) == shown
+
+
+def test_engine_text_is_capped() -> None:
+    assert engine_text("x" * TEXT_LIMIT) == "x" * TEXT_LIMIT
+    assert engine_text("x" * 5000) == "x" * TEXT_LIMIT + "..."
+
+
+def test_engine_text_cap_never_cuts_an_escape() -> None:
+    assert engine_text("x" * (TEXT_LIMIT - 1) + "\n") == "x" * (TEXT_LIMIT - 1) + "..."
+    assert engine_text("x" * (TEXT_LIMIT - 2) + "\n") == "x" * (TEXT_LIMIT - 2) + r"\n"
+
+
+#: An engine's error text with a line break, a terminal escape and no end.
+NASTY = "line1\nline2\x1b[31m" + "x" * 5000
+NASTY_SHOWN = engine_text(NASTY)
+
+
+def test_getstream_error_text_is_shown_as_one_capped_line() -> None:
+    bench = Bench.make(Fixed(json.dumps({"response": None, "error": NASTY}).encode()))
+    error = refused(bench.start(bench.api.getstream(ENGINE, HASH)))
+    assert error == f"engine engine-a refused the stream: {NASTY_SHOWN}"
+    assert NASTY_SHOWN.startswith(r"line1\nline2\x1b[31mxxx") and NASTY_SHOWN.endswith("x...")
+
+
+def test_stop_error_text_is_shown_as_one_capped_line() -> None:
+    bench = Bench.make(Fixed(json.dumps({"response": None, "error": NASTY}).encode()))
+    playback = Playback(f"{URL}/r", f"{URL}/s", f"{URL}/c", "id", 1)
+    error = refused(bench.start(bench.api.stop(ENGINE, playback)))
+    assert error == f"engine engine-a refused stop: {NASTY_SHOWN}"
+    assert "\n" not in error and "\x1b" not in error and len(error) < TEXT_LIMIT + 50
+
+
+def test_playback_session_id_is_shown_as_one_capped_line() -> None:
+    """The session id goes to the log and to C{/streams}: the engine's text, tamed."""
+    answer = {
+        "response": {
+            "playback_url": f"{URL}/r",
+            "stat_url": f"{URL}/s",
+            "command_url": f"{URL}/c",
+            "playback_session_id": NASTY,
+            "is_live": 1,
+        },
+        "error": None,
+    }
+    bench = Bench.make(Fixed(json.dumps(answer).encode()))
+    playback = bench.run(bench.api.getstream(ENGINE, HASH))
+    assert playback.playback_session_id == NASTY_SHOWN
+    assert len(NASTY_SHOWN) == TEXT_LIMIT + len("...")
 
 
 # --- answers the simulated engine never gives ----------------------------------------

@@ -4,14 +4,19 @@ session (C{getstream}, JSON format), open its playback body, read its
 statistics, stop it, and ask its version (the health probe).
 
 URLs an engine hands back are not trusted: they are fetched only when they
-point at that engine's configured host and port.
+point at that engine's configured host and port, without userinfo.  Nor is
+a redirect followed: whatever answers on an engine's port could send the
+proxy anywhere its network reaches.  What an engine says in words (its
+errors, its session ids) is shown tamed by L{engine_text}.
 """
 
 import json
+import unicodedata
 from urllib.parse import urlencode, urlsplit
 
 import attrs
 import treq
+from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -27,6 +32,17 @@ STOP_TIMEOUT = 3.0
 #: Largest API answer read into memory; an engine's JSON is a few hundred bytes.
 MAX_ANSWER = 64 * 1024
 
+#: Longest engine text (an error, a session id) put in a log line or a
+#: player's error, escapes included.
+TEXT_LIMIT = 200
+
+#: Unicode categories escaped in an engine's text: controls, format
+#: characters (bidirectional overrides among them), surrogates, private use,
+#: unassigned code points, and line and paragraph separators.
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+_SHORT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
 
 @attrs.frozen
 class Playback:
@@ -41,9 +57,59 @@ class Playback:
     is_live: int
 
 
+class EngineClient(HTTPClient):
+    """
+    treq's client, unable to follow a redirect whatever a caller asks: an
+    engine's 3xx is an answer the proxy refuses, and its C{Location} (an
+    internal service, another host) must never be contacted, even by a
+    call that forgot to say so.
+    """
+
+    def request(self, method, url, **kwargs):
+        kwargs["allow_redirects"] = False
+        return super().request(method, url, **kwargs)
+
+
+def engine_text(value: object, limit: int = TEXT_LIMIT) -> str:
+    """
+    What an engine said (an error, a session id), fit for a log line and a
+    player's JSON error.  Anything answering on an engine's port chooses
+    these characters: they must not forge a second log line, drive the
+    terminal that shows the log, or flood it.  One line, then, with line
+    breaks, backslashes and other control characters escaped as Python
+    escapes them, and at most C{limit} characters before a closing C{...};
+    an escape is never cut in two.
+    """
+    pieces: list[str] = []
+    size = 0
+    for char in str(value):
+        piece = _escape(char)
+        size += len(piece)
+        if size > limit:
+            pieces.append("...")
+            break
+        pieces.append(piece)
+    return "".join(pieces)
+
+
+def _escape(char: str) -> str:
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
+    if unicodedata.category(char) not in _ESCAPED_CATEGORIES:
+        return char
+    code = ord(char)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
 def check_url(engine: Engine, url: object, what: str) -> str:
     """
     Accept C{url} only if it is an http(s) URL on C{engine}'s host and port.
+    Userinfo (C{http://name@host/}) is refused alike: it would be sent as
+    credentials, and it hides the real host from whoever reads the URL.
     """
     if not isinstance(url, str) or not url:
         raise EngineError(f"engine {engine.id} gave no {what}")
@@ -52,12 +118,26 @@ def check_url(engine: Engine, url: object, what: str) -> str:
         port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
     except ValueError:
         port = None
-    if parts.scheme not in ("http", "https") or (parts.hostname, port) != (
-        engine.host,
-        engine.port,
+    if (
+        parts.scheme not in ("http", "https")
+        or "@" in parts.netloc
+        or (parts.hostname, port) != (engine.host, engine.port)
     ):
         raise EngineError(f"engine {engine.id} gave a {what} outside its own host and port")
     return url
+
+
+def _status_error(engine: Engine, what: str, code: int) -> EngineError:
+    """
+    The error for an answer other than 200.  A redirect is named as one,
+    its C{Location} left out: that address is the engine's choice, perhaps
+    an internal one, and no business of a player's.
+    """
+    if 300 <= code < 400:
+        return EngineError(
+            f"engine {engine.id} answered {what} with a redirect (HTTP {code}), not followed"
+        )
+    return EngineError(f"engine {engine.id} answered {what} with HTTP {code}")
 
 
 def _timed_out(result, timeout: float):
@@ -80,7 +160,7 @@ def _with_query(url: str, **params: str) -> str:
 @attrs.define
 class EngineAPI:
     """
-    @ivar http: a treq C{HTTPClient}.
+    @ivar http: a treq C{HTTPClient}; the daemon's is an L{EngineClient}.
     @ivar clock: schedules the timeouts.
     @ivar timeout: seconds an API call may take.
     @ivar first_byte_timeout: seconds until a playback body's headers.
@@ -109,7 +189,7 @@ class EngineAPI:
         except Exception as e:
             raise EngineError(f"engine {engine.id} failed {what}: {e.__class__.__name__}")
         if response.code != 200:
-            raise EngineError(f"engine {engine.id} answered {what} with HTTP {response.code}")
+            raise _status_error(engine, what, response.code)
         try:
             answer = json.loads(body)
         except ValueError:
@@ -118,8 +198,15 @@ class EngineAPI:
             raise EngineError(f"engine {engine.id} answered {what} with unexpected JSON")
         return answer
 
+    def _fetch(self, url: str, **kwargs) -> Deferred:
+        """
+        GET C{url} from an engine: every call goes through here, so that
+        none follows a redirect, whatever client C{http} is.
+        """
+        return self.http.get(url, allow_redirects=False, **kwargs)
+
     async def _get(self, url: str) -> tuple[IResponse, bytes]:
-        response = await self.http.get(url)
+        response = await self._fetch(url)
         return response, await self._read(response)
 
     def _read(self, response: IResponse):
@@ -147,7 +234,9 @@ class EngineAPI:
         url = f"{engine.url}/ace/getstream?" + urlencode({"format": "json", param: key})
         answer = await self._call(engine, url, "getstream")
         if answer.get("error"):
-            raise EngineError(f"engine {engine.id} refused the stream: {answer['error']}")
+            raise EngineError(
+                f"engine {engine.id} refused the stream: {engine_text(answer['error'])}"
+            )
         response = answer.get("response")
         if not isinstance(response, dict):
             raise EngineError(f"engine {engine.id} answered getstream without a response")
@@ -156,7 +245,7 @@ class EngineAPI:
                 playback_url=check_url(engine, response.get("playback_url"), "playback_url"),
                 stat_url=check_url(engine, response.get("stat_url"), "stat_url"),
                 command_url=check_url(engine, response.get("command_url"), "command_url"),
-                playback_session_id=str(response.get("playback_session_id") or ""),
+                playback_session_id=engine_text(response.get("playback_session_id") or ""),
                 is_live=int(response.get("is_live") or 0),
             )
         except EngineError:
@@ -199,7 +288,7 @@ class EngineAPI:
         """
         check_url(engine, playback.playback_url, "playback_url")
         try:
-            d = self.http.get(playback.playback_url, unbuffered=True)
+            d = self._fetch(playback.playback_url, unbuffered=True)
             response = await d.addTimeout(self.first_byte_timeout, self.clock, _timed_out)
         except (TimeoutError, CancelledError):
             raise EngineTimeout(f"engine {engine.id} did not start playback in time")
@@ -207,7 +296,7 @@ class EngineAPI:
             raise EngineError(f"engine {engine.id} failed playback: {e.__class__.__name__}")
         if response.code != 200:
             response.deliverBody(_Discard())
-            raise EngineError(f"engine {engine.id} answered playback with HTTP {response.code}")
+            raise _status_error(engine, "playback", response.code)
         return response
 
     async def stat(self, engine: Engine, playback: Playback) -> dict:
@@ -222,7 +311,7 @@ class EngineAPI:
         url = _with_query(check_url(engine, playback.command_url, "command_url"), method="stop")
         answer = await self._call(engine, url, "stop", min(self.timeout, STOP_TIMEOUT))
         if answer.get("error"):
-            raise EngineError(f"engine {engine.id} refused stop: {answer['error']}")
+            raise EngineError(f"engine {engine.id} refused stop: {engine_text(answer['error'])}")
 
     async def version(self, engine: Engine) -> str:
         """
