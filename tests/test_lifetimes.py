@@ -21,7 +21,7 @@ from acestream_proxy.config import Tuning
 from acestream_proxy.engine.registry import Engine, EngineRegistry
 from acestream_proxy.store.memory import MemoryStore
 from acestream_proxy.store.redis import RedisStore
-from acestream_proxy.stream.registry import SHUTDOWN_DRAIN, StreamRegistry
+from acestream_proxy.stream.registry import StreamRegistry
 
 from .fakes import FakeEngineAPI, FakeRequest, packets
 
@@ -93,8 +93,8 @@ async def stopped(stream) -> None:
 async def shut_down(clock, registry, store) -> None:
     """
     Stop the registry and the Redis store.  Shutdown gives the players'
-    connections up to C{SHUTDOWN_DRAIN} seconds of the registry's clock to
-    drain, and the store's I/O needs turns of the real reactor.
+    connections a few seconds of the registry's clock to drain, and the
+    store's I/O needs the real reactor.
     """
     for stream in registry.streams.values():
         for player in stream.players:
@@ -102,11 +102,13 @@ async def shut_down(clock, registry, store) -> None:
             player.request.transport.registerProducer(player, True)
     finished = []
     registry.stopService().addBoth(finished.append)
-    for _ in range(int(SHUTDOWN_DRAIN / 0.02) + 100):
+    # Each round gives the store a millisecond of real I/O: 10 s of real
+    # time at most, however loaded the machine is.
+    for _ in range(10_000):
         if finished:
             break
         clock.advance(0.02)
-        await deferLater(reactor, 0, lambda: None)
+        await deferLater(reactor, 0.001, lambda: None)
     assert finished
     if isinstance(store, RedisStore):
         await store.stopService()
@@ -195,14 +197,14 @@ def at_once(coroutine):
 
 async def _until(predicate) -> None:
     """
-    Give the store's I/O (on the real reactor) the turns it needs, one at
-    a time, until C{predicate} holds: the start awaits the store before it
-    reaches the engine.
+    Give the store's I/O (on the real reactor) the time it needs, a
+    millisecond at a time and 10 s at most, until C{predicate} holds: the
+    start awaits the store before it reaches the engine.
     """
-    for _ in range(500):
+    for _ in range(10_000):
         if predicate():
             return
-        await deferLater(reactor, 0, lambda: None)
+        await deferLater(reactor, 0.001, lambda: None)
     raise AssertionError("the stream never reached its engine")
 
 
