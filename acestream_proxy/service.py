@@ -4,11 +4,14 @@ HTTP client's connection pool, the HTTP listener and the proxy (its streams,
 engine probes and client heartbeats), each undone by its own C{stopService}.
 """
 
+import ipaddress
+import re
 import uuid
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import succeed
+from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from .config import Config
@@ -21,6 +24,8 @@ from .store.redis import RedisStore
 from .stream.registry import StreamRegistry
 
 __all__ = ["Options", "makeService", "make_service"]
+
+log = Logger()
 
 
 class _OrderedService(MultiService):
@@ -99,10 +104,37 @@ def make_service(config: Config, reactor=None, listen: bool = True) -> MultiServ
     engines = EngineRegistry([Engine.from_config(engine) for engine in config.engines], api)
     streams = StreamRegistry(store, engines, api, reactor, tuning, worker_id)
     if listen:
+        warn_if_loopback_is_admin(config)
         listener = strports.service(config.listen, make_site(streams, config), reactor=reactor)
         _named(listener, "http", top)
     _named(streams, "streams", top)
     return top
+
+
+def warn_if_loopback_is_admin(config: Config) -> None:
+    """
+    Without an admin token, whoever connects from loopback is an admin.  A
+    daemon that listens on loopback only is usually behind a reverse proxy
+    on the same host, whose every request comes from loopback: say so.
+    """
+    interface = _LISTEN_INTERFACE.search(config.listen)
+    if config.admin_token or interface is None:
+        return
+    try:
+        loopback = ipaddress.ip_address(interface.group(1).replace("\\", "")).is_loopback
+    except ValueError:
+        loopback = interface.group(1) == "localhost"
+    if loopback:
+        log.warn(
+            "listening on loopback ({listen}) without admin_token: every local client,"
+            " a reverse proxy on this host included, may stop streams and see players'"
+            " details; set admin_token",
+            listen=config.listen,
+        )
+
+
+#: The interface of a strports description, as in C{tcp:8000:interface=::1}.
+_LISTEN_INTERFACE = re.compile(r"(?:^|:)interface=((?:[^:\\]|\\.)+)")
 
 
 def _named(service: Service, name: str, parent: MultiService) -> None:

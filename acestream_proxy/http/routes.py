@@ -96,11 +96,13 @@ class ProxyWeb:
         status = request.args.get(b"status", [None])[-1]
         if status is not None:
             status = status.decode("latin-1")
-        return json_body(request, await views.streams_view(self.streams, status))
+        admin = self._is_admin(request)
+        return json_body(request, await views.streams_view(self.streams, status, admin))
 
     @app.route("/streams/<key>", methods=["GET"])
     async def stream(self, request, key):
-        return json_body(request, await views.stream_view(self.streams, checked_key(key)))
+        admin = self._is_admin(request)
+        return json_body(request, await views.stream_view(self.streams, checked_key(key), admin))
 
     @app.route("/streams/<key>", methods=["DELETE"])
     async def delete_stream(self, request, key):
@@ -111,7 +113,8 @@ class ProxyWeb:
 
     @app.route("/engines", methods=["GET"])
     async def engines(self, request):
-        return json_body(request, await views.engines_view(self.streams))
+        admin = self._is_admin(request)
+        return json_body(request, await views.engines_view(self.streams, admin))
 
     @app.route("/health", methods=["GET"])
     def health(self, request):
@@ -123,24 +126,36 @@ class ProxyWeb:
         State-changing calls need the admin token when one is configured;
         without one they are allowed from loopback only.
         """
+        refusal = self._admin_refusal(request)
+        if refusal is not None:
+            raise refusal
+
+    def _is_admin(self, request) -> bool:
+        """
+        Whether C{request} may see the details of the views (players'
+        addresses, engine URLs, playback sessions): the rule of L{_check_admin},
+        without refusing the request.
+        """
+        return self._admin_refusal(request) is None
+
+    def _admin_refusal(self, request) -> Unauthorized | Forbidden | None:
         if self.admin_token:
             given = request.getHeader(b"authorization") or b""
             expected = f"Bearer {self.admin_token}".encode()
             if not hmac.compare_digest(given, expected):
-                raise Unauthorized("a valid admin token is required")
-            return
+                return Unauthorized("a valid admin token is required")
+            return None
         host = getattr(request.getClientAddress(), "host", "")
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
-            loopback = False
-        else:
-            # A dual-stack listener sees an IPv4 client as ::ffff:a.b.c.d,
-            # which ipaddress does not count as loopback even for 127.0.0.1.
-            mapped = getattr(address, "ipv4_mapped", None)
-            loopback = (mapped or address).is_loopback
-        if not loopback:
-            raise Forbidden("admin actions are allowed from loopback only")
+            return Forbidden("admin actions are allowed from loopback only")
+        # A dual-stack listener sees an IPv4 client as ::ffff:a.b.c.d,
+        # which ipaddress does not count as loopback even for 127.0.0.1.
+        mapped = getattr(address, "ipv4_mapped", None)
+        if not (mapped or address).is_loopback:
+            return Forbidden("admin actions are allowed from loopback only")
+        return None
 
     # Errors
 

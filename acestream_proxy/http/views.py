@@ -2,27 +2,59 @@
 The JSON views of the API: streams (as every worker sees them, from the
 store), one stream with its players, engines with their load, and this
 worker's health.
+
+Anyone may see keys, states, engine ids, counts and health.  The details
+(players' addresses, user agents and ids, engine URLs, playback session
+ids, from which anyone who reaches the engine could rebuild its URLs and
+stop the session) are for admins only.
 """
 
 from ..constants import Meta, PlayerField, Role
 from ..errors import NotFound
 
+#: What anyone may see of a stream.
+PUBLIC_STREAM_FIELDS = frozenset(
+    {
+        "key",
+        "status",
+        "container_id",
+        "players",
+        "started_at",
+        "bytes_in",
+        "health",
+        "reconnects",
+        "buffer_index",
+        "last_data_at",
+    }
+)
 
-async def streams_view(registry, status: str | None = None) -> list[dict]:
+#: What anyone may see of an engine.
+PUBLIC_ENGINE_FIELDS = frozenset({"id", "forwarded", "healthy", "streams"})
+
+
+def _shown(described: dict, public: frozenset, admin: bool) -> dict:
+    if admin:
+        return described
+    return {name: value for name, value in described.items() if name in public}
+
+
+async def streams_view(registry, status: str | None = None, admin: bool = False) -> list[dict]:
     streams = await registry.store.list_streams()
     described = []
     for meta in sorted(streams, key=lambda m: float(m.get(Meta.STARTED_AT) or 0)):
         if status is not None and meta.get(Meta.STATE) != status:
             continue
-        described.append(await _describe(registry, meta))
+        described.append(_shown(await _describe(registry, meta), PUBLIC_STREAM_FIELDS, admin))
     return described
 
 
-async def stream_view(registry, key: str) -> dict:
+async def stream_view(registry, key: str, admin: bool = False) -> dict:
     meta = await registry.store.get_stream(key)
     if meta is None:
         raise NotFound(f"no stream {key}")
     described = await _describe(registry, meta)
+    if not admin:
+        return _shown(described, PUBLIC_STREAM_FIELDS, admin)
     players = await registry.store.list_players(key)
     described["players"] = [
         {
@@ -58,9 +90,12 @@ async def _describe(registry, meta: dict) -> dict:
     return described
 
 
-async def engines_view(registry) -> list[dict]:
+async def engines_view(registry, admin: bool = False) -> list[dict]:
     loads = await registry.engine_loads()
-    return [engine.describe(loads.get(engine.id, 0)) for engine in registry.engines.engines]
+    return [
+        _shown(engine.describe(loads.get(engine.id, 0)), PUBLIC_ENGINE_FIELDS, admin)
+        for engine in registry.engines.engines
+    ]
 
 
 def health_view(registry) -> dict:
