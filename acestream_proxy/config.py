@@ -85,6 +85,9 @@ class Tuning:
     no_data_timeout: float = 10
     reconnect_after: float = 30
     owner_lease: float = 15
+    # A worker that has not said it runs for this long is taken for dead:
+    # its streams are taken over and its players removed at once.
+    worker_timeout: float = 3
     engine_connect_timeout: float = 5
     engine_timeout: float = 15
     first_byte_timeout: float = 20

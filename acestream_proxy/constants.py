@@ -54,6 +54,8 @@ class Event(StrEnum):
     STREAM_STOPPING = "stream_stopping"
     OWNER_CHANGED = "owner_changed"
     CHUNK_ADDED = "chunk_added"
+    #: Asks the stream's owner, wherever it runs, to stop the stream.
+    STOP_REQUESTED = "stop_requested"
 
 
 class Meta(StrEnum):

@@ -102,6 +102,7 @@ def test_defaults():
         "no_data_timeout": 10,
         "reconnect_after": 30,
         "owner_lease": 15,
+        "worker_timeout": 3,
         "engine_connect_timeout": 5,
         "engine_timeout": 15,
         "first_byte_timeout": 20,

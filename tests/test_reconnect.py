@@ -343,7 +343,7 @@ def test_stopping_during_a_reconnection_ends_it():
     api.hang = True
     api.readers[0].connectionLost(Failure(ConnectionDone()))
     assert len(api.asked) == 2
-    server.stop_stream(KEY, "test")
+    Deferred.fromCoroutine(server.stop_stream(KEY, "test"))
     assert server.streams == {}
     assert server.store.list_streams().result == []
     api.hang = False

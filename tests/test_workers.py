@@ -434,9 +434,11 @@ class WorkerPair:
         return 1 - self.owner
 
 
-async def start_worker_pair(spawn, tmp_path, engine, redis_url: str) -> WorkerPair:
+async def start_worker_pair(
+    spawn, tmp_path, engine, redis_url: str, settings: str = FAILOVER_CONFIG
+) -> WorkerPair:
     config = tmp_path / "workers.toml"
-    config.write_text(FAILOVER_CONFIG)
+    config.write_text(settings)
     daemons = [
         twistd(
             spawn,

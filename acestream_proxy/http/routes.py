@@ -108,8 +108,10 @@ class ProxyWeb:
     async def delete_stream(self, request, key):
         self._check_admin(request)
         key = checked_key(key)
-        await self.streams.stop_stream(key, "stopped through the API")
-        return json_body(request, {"stopped": key})
+        if await self.streams.stop_stream(key, "stopped through the API"):
+            return json_body(request, {"stopped": key})
+        # Its owner is another worker, which was asked to stop it.
+        return json_body(request, {"stopping": key}, 202)
 
     @app.route("/engines", methods=["GET"])
     async def engines(self, request):

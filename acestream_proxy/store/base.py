@@ -26,6 +26,8 @@ class Store(Protocol):
     """
 
     buffer: RingBuffer
+    #: This worker's id, as the store records it (owner leases, players).
+    worker_id: str
     #: C{"memory"} or C{"redis"}, for health reports.
     kind: str
 
@@ -100,6 +102,28 @@ class Store(Protocol):
     def release_owner(self, key: str) -> Deferred[bool]:
         """
         Give up this worker's lease, if it holds it.
+        """
+
+    def take_owner_from(self, key: str, worker_id: str) -> Deferred[bool]:
+        """
+        Take the lease of worker C{worker_id} if it still holds it and is
+        known dead (see L{is_alive}).
+        """
+
+    def mark_alive(self, ttl: float) -> Deferred[None]:
+        """
+        Say this worker runs, for C{ttl} seconds: others see it in
+        L{is_alive} until then.
+        """
+
+    def mark_gone(self) -> Deferred[None]:
+        """
+        Say this worker stopped.
+        """
+
+    def is_alive(self, worker_id: str) -> Deferred[bool]:
+        """
+        Fire with whether worker C{worker_id} said it runs, recently enough.
         """
 
     def get_owner(self, key: str) -> Deferred[str | None]:

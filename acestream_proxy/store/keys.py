@@ -10,6 +10,7 @@ schema, under the C{ace_proxy:} prefix):
     ace_proxy:stream:{KEY}:clients:{CLIENT_ID}       hash: one client (expires)
     ace_proxy:stream:{KEY}:last_client_disconnect_time
     ace_proxy:events:{KEY}                           pub/sub channel
+    ace_proxy:worker:{WORKER_ID}                     a worker's liveness (expires)
 """
 
 PREFIX = "ace_proxy"
@@ -75,3 +76,11 @@ def key_of(name: str) -> str:
     if name.startswith(f"{PREFIX}:events:"):
         return name[len(f"{PREFIX}:events:") :]
     return name[len(f"{PREFIX}:stream:") :].split(":", 1)[0]
+
+
+def worker(worker_id: str) -> str:
+    """
+    A worker's liveness key: renewed while the worker runs, so that its
+    death is noticed within the key's time to live, not a whole lease.
+    """
+    return f"{PREFIX}:worker:{worker_id}"

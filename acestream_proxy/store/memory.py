@@ -191,6 +191,21 @@ class MemoryStore:
         del self._owners[key]
         return succeed(True)
 
+    def take_owner_from(self, key: str, worker_id: str) -> Deferred[bool]:
+        """
+        Never: every worker of an embedded store is this process, alive.
+        """
+        return succeed(False)
+
+    def mark_alive(self, ttl: float) -> Deferred[None]:
+        return succeed(None)
+
+    def mark_gone(self) -> Deferred[None]:
+        return succeed(None)
+
+    def is_alive(self, worker_id: str) -> Deferred[bool]:
+        return succeed(True)
+
     def get_owner(self, key: str) -> Deferred[str | None]:
         return succeed(self._owners.get(key))
 

@@ -289,6 +289,36 @@ class RedisStore(Service):
         d = self._script(scripts.RELEASE, [keys.owner(key)], [self.worker_id], data=True)
         return d.addCallback(lambda reply: int(reply) == 1)
 
+    def take_owner_from(self, key: str, worker_id: str) -> Deferred[bool]:
+        """
+        Take the lease of C{worker_id}, if it still holds it and its
+        liveness key has expired.
+        """
+        d = self._script(
+            scripts.TAKE_FROM_DEAD,
+            [keys.owner(key), keys.worker(worker_id)],
+            [worker_id, self.worker_id, int(self.owner_lease * 1000)],
+            data=True,
+        )
+        return d.addCallback(lambda reply: int(reply) == 1)
+
+    # Workers
+
+    def mark_alive(self, ttl: float) -> Deferred[None]:
+        """
+        Say this worker runs, for C{ttl} seconds.
+        """
+        d = self._call("SET", keys.worker(self.worker_id), "1", "PX", int(ttl * 1000), data=True)
+        return d.addCallback(lambda _: None)
+
+    def mark_gone(self) -> Deferred[None]:
+        return self._call("DEL", keys.worker(self.worker_id), data=True).addCallback(lambda _: None)
+
+    def is_alive(self, worker_id: str) -> Deferred[bool]:
+        return self._call("EXISTS", keys.worker(worker_id), data=True).addCallback(
+            lambda reply: int(reply) == 1
+        )
+
     def get_owner(self, key: str) -> Deferred[str | None]:
         return self._call("GET", keys.owner(key), data=True).addCallback(
             lambda v: text(v) if v is not None else None

@@ -122,3 +122,14 @@ RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+# The lease of a worker whose liveness key expired (it died, or lost Redis)
+# goes to ARGV[2] at once, if it is still the dead worker's: a follower need
+# not wait out a whole lease to take the stream over.  KEYS: owner, the dead
+# worker's liveness key.
+TAKE_FROM_DEAD = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""

@@ -64,6 +64,7 @@ class PlayerHeartbeats:
                     self._beats[pid] = now
             self._drop_ghosts(stream, now)
             if stream.role is Role.OWNER:
+                await stream.players.remove_dead()
                 await self._remove_ghosts(stream, now)
             await stream.refresh()
         self._progress = progress

@@ -3,8 +3,8 @@ A stream's owner lease, as one worker sees it.
 
 The owner holds C{…:owner} (SET NX PX) and renews it every third of a lease;
 renewing also keeps the stream's other keys alive.  A worker that is not the
-owner asks, at the same pace, whether the lease is free and the stream
-orphaned, and takes it then.  The stream's lease timer is this component's
+owner asks, every third of C{worker_timeout}, whether the lease is free and
+the stream orphaned, or held by a worker known dead, and takes it then.  The stream's lease timer is this component's
 one driver: nothing else renews or takes it.
 """
 
@@ -45,6 +45,13 @@ class OwnerLease:
         """
         self.until = asked_at + self.duration
 
+    def due(self) -> bool:
+        """
+        Whether the lease should be renewed now: a third of it has passed
+        since it was last confirmed.
+        """
+        return self.clock.seconds() >= self.until - self.duration * 2 / 3 - 1e-6
+
     def safe(self) -> bool:
         """
         Whether an append now surely lands while the lease is ours: more
@@ -74,9 +81,10 @@ class OwnerLease:
         if alive, writes both back within a third of a lease; taking over
         sooner would start a second engine session.
         """
-        if await self.store.get_owner(self.key) is not None:
+        owner = await self.store.get_owner(self.key)
+        if owner is not None:
             self._orphaned_at = None
-            return False
+            return await self._take_from_dead(owner)
         if await self.store.get_stream(self.key) is None:
             now = self.clock.seconds()
             if self._orphaned_at is None:
@@ -87,6 +95,19 @@ class OwnerLease:
         if not await self.store.acquire_owner(self.key):
             return False
         self._orphaned_at = None
+        self.taken(asked_at)
+        return True
+
+    async def _take_from_dead(self, owner: str) -> bool:
+        """
+        Take the lease of an owner whose worker is known dead (its liveness
+        key expired), without waiting out its lease.
+        """
+        if owner == self.store.worker_id or await self.store.is_alive(owner):
+            return False
+        asked_at = self.clock.seconds()
+        if not await self.store.take_owner_from(self.key, owner):
+            return False
         self.taken(asked_at)
         return True
 

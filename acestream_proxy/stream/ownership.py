@@ -90,6 +90,8 @@ class Ownership:
             if not stream.starting and await stream.lease.take_if_orphaned():
                 self._promote()
             return
+        if not stream.lease.due():
+            return
         renewal = await stream.lease.renew()
         if renewal is Renewal.LOST:
             if not stream.starting and not stream.stopping:
@@ -157,6 +159,8 @@ class Ownership:
         finally:
             stream.starting = False
         await stream.now_owning("taken over", Event.OWNER_CHANGED)
+        # The previous owner may have died with players: they are gone too.
+        await stream.players.remove_dead()
 
     async def hand_over(self) -> None:
         """

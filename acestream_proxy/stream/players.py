@@ -102,6 +102,30 @@ class Players:
         for producer in list(self.producers):
             await self.store.add_player(self.key, producer.info.id, self.fields(producer))
 
+    async def remove_dead(self) -> None:
+        """
+        Remove the players other workers registered, whose workers are
+        known dead: they cannot be playing, and until removed they would
+        keep the stream (and its engine session) going.
+        """
+        players = await self.store.list_players(self.key)
+        alive = {self.worker_id: True}
+        for player_id, fields in players.items():
+            worker = fields.get(PlayerField.WORKER)
+            if worker is None:
+                continue
+            if worker not in alive:
+                alive[worker] = await self.store.is_alive(worker)
+            if not alive[worker]:
+                self.log.info(
+                    "player {player} of stream {key} was on worker {worker}, which is gone;"
+                    " removing it",
+                    player=player_id,
+                    key=self.key,
+                    worker=worker,
+                )
+                await self._unregister(player_id)
+
     def publish(self, event: Event, **fields) -> None:
         """
         Tell every worker about C{event} on the stream's channel, without

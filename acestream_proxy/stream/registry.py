@@ -15,7 +15,7 @@ from twisted.logger import Logger
 
 from ..background import Tasks, periodic
 from ..config import Tuning
-from ..constants import ACTIVE_STATES, Meta, PlayerField, Role
+from ..constants import ACTIVE_STATES, Event, Meta, PlayerField, Role
 from ..engine.api import EngineAPI
 from ..engine.registry import Engine, EngineRegistry
 from ..errors import NoEngine, NotFound, Unavailable
@@ -69,6 +69,7 @@ class StreamRegistry(MultiService):
         for interval, call in (
             (self.tuning.probe_interval, self.engines.probe),
             (self.tuning.heartbeat_interval, self.heartbeats.tick),
+            (self.tuning.worker_timeout / 3, self._alive),
         ):
             periodic(interval, call, self.clock, self.tasks).setServiceParent(self)
 
@@ -143,6 +144,9 @@ class StreamRegistry(MultiService):
             if stream is not None:
                 return stream
             await self._check_max_streams(key)
+            # Before it may own a stream, others must see this worker alive,
+            # or they would take the stream from it at once.
+            await self._alive()
             asked_at = self.clock.seconds()
             owner = await self.store.acquire_owner(key)
             try:
@@ -198,11 +202,19 @@ class StreamRegistry(MultiService):
 
     # Stopping streams
 
-    def stop_stream(self, key: str, why: str) -> Deferred:
+    async def stop_stream(self, key: str, why: str) -> bool:
+        """
+        Stop stream C{key}, whichever worker owns it: true once it stopped
+        here, false when its owner, another worker, was asked to.
+        """
         stream = self.streams.get(key)
-        if stream is None:
+        if stream is not None and stream.role is Role.OWNER:
+            await stream.stop(why)
+            return True
+        if stream is None and await self.store.get_stream(key) is None:
             raise NotFound(f"no stream {key}")
-        return stream.stop(why)
+        await self.store.publish(key, Event.STOP_REQUESTED.value, why=why)
+        return False
 
     def removeService(self, service):
         """
@@ -245,7 +257,25 @@ class StreamRegistry(MultiService):
         d.addCallback(lambda _: self._close(transports))
         d.addCallback(lambda _: self.tasks.cancel_all())
         d.addCallback(lambda _: MultiService.stopService(self))
+        d.addCallback(lambda _: Deferred.fromCoroutine(self._gone()))
         return d
+
+    async def _alive(self) -> None:
+        """
+        Tell the other workers this one runs (a liveness key that expires
+        after C{worker_timeout}): when it dies, they take its streams over
+        and drop its players without waiting for leases and heartbeats.
+        """
+        if self.store.available:
+            await self.store.mark_alive(self.tuning.worker_timeout)
+
+    async def _gone(self) -> None:
+        if not self.store.available:
+            return
+        try:
+            await self.store.mark_gone()
+        except Unavailable:
+            pass
 
     async def _shut_down(self, stream: Stream) -> None:
         """

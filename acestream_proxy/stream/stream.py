@@ -107,9 +107,10 @@ class Stream(MultiService):
         )
         self.idle = IdleCheck(self)
         self.ownership = Ownership(self)
-        periodic(
-            self.tuning.owner_lease / 3, self.ownership.tick, self.clock, self.tasks
-        ).setServiceParent(self)
+        # Often enough for a follower to notice a dead owner's worker soon
+        # after its liveness lapsed; an owner renews every third of a lease.
+        lease_check = min(self.tuning.owner_lease, self.tuning.worker_timeout) / 3
+        periodic(lease_check, self.ownership.tick, self.clock, self.tasks).setServiceParent(self)
 
     # What the stream is now, derived from its source
 
@@ -281,6 +282,8 @@ class Stream(MultiService):
             self.idle.player_joined(here=False)
         elif kind == Event.STREAM_STOPPING and not mine and not owner:
             self.stop("its owner stopped it")
+        elif kind == Event.STOP_REQUESTED and owner:
+            self.stop(str(event.get("why") or "stopped by another worker"))
         elif kind == Event.OWNER_CHANGED and not mine and event.get("handover"):
             # One of the stream's tasks, so that stopping it cancels the call.
             self.tasks.run(deferLater(self.clock, 0, self.tasks.run, self.ownership.tick))

@@ -1,0 +1,93 @@
+"""
+When a worker dies, the others notice it within C{worker_timeout}, not a
+whole lease: its streams are taken over and its players removed at once,
+with the default settings.  A stream can be stopped through any worker.
+
+Two C{twistd -n aceproxy} processes share one redis-server and one
+simulated engine; the owner is killed with SIGKILL.
+"""
+
+import json
+
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from acestream_proxy.store import keys as redis_keys
+from acestream_proxy.stream.mpegts import PACKET_SIZE
+
+from .test_end_to_end import get_json, spawn  # noqa: F401 (spawn: fixture)
+from .test_workers import KEY, check, members, start_worker_pair, stream_meta, worker_clients
+
+#: The defaults, but for a short grace so that the test need not wait.
+DEFAULTS = "[tuning]\ncleanup_grace = 1\n"
+
+#: How soon, with the default settings, players elsewhere must be fed again.
+FED_AGAIN_WITHIN = 5.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_owner_is_replaced_within_seconds(engine, redis_server, spawn, tmp_path):
+    """
+    The survivor's player is fed again within 5 s of the owner's death; the
+    dead worker's player is gone from the stream's players at once, not
+    after ghost_client_timeout (50 s); the takeover counts as a
+    reconnection; and once the last real player leaves, the engine session
+    is stopped after the grace.
+    """
+    pair = await start_worker_pair(spawn, tmp_path, engine, redis_server.url, DEFAULTS)
+    daemons, urls, ids, owner, survivor = (
+        pair.daemons, pair.urls, pair.ids, pair.owner, pair.survivor
+    )
+    player = pair.players[survivor]
+    client = redis_server.client()
+    (session_id,) = engine.engine.sessions
+    await _until(lambda: client("EXISTS", redis_keys.worker(ids[owner])) == 1, seconds=2)
+
+    daemons[owner].kill()
+    await daemons[owner].wait_exit()
+    received = len(player.data)
+    # Whatever the survivor still had in its window, new chunks come from
+    # its own engine reading once it owns the stream.
+    await player.wait_bytes(received + 200 * PACKET_SIZE, timeout=FED_AGAIN_WITHIN)
+    assert stream_meta(client)["owner"] == ids[survivor]
+    check(player, allowed_jumps=1)
+    assert list(engine.engine.sessions) == [session_id]
+
+    (stream,) = await get_json(urls[survivor] + "/streams")
+    assert stream["players"] == 1, stream
+    assert stream["reconnects"] >= 1, stream
+    assert set(worker_clients(client).values()) == {ids[survivor]}
+
+    player.disconnect()
+    await _until(lambda: session_id in engine.engine.stopped, seconds=5)
+    assert members(client) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_through_a_follower_stops_the_stream(engine, redis_server, spawn, tmp_path):
+    """
+    DELETE /streams/{key} on the worker that does not own the stream asks
+    its owner, through the events channel: 202, then the engine session is
+    stopped and every player's body ends cleanly.
+    """
+    pair = await start_worker_pair(spawn, tmp_path, engine, redis_server.url, DEFAULTS)
+    (session_id,) = engine.engine.sessions
+    response = await treq.delete(f"{pair.urls[pair.survivor]}/streams/{KEY}")
+    assert response.code == 202
+    assert json.loads(await response.text()) == {"stopping": KEY}
+    for player in pair.players:
+        assert await player.ended.addTimeout(5, reactor) is True
+    await _until(lambda: engine.engine.stopped == [session_id], seconds=5)
+
+
+async def _until(predicate, seconds: float) -> None:
+    """
+    Wait for another process to do something, up to C{seconds}.
+    """
+    for _ in range(int(seconds / 0.05)):
+        if predicate():
+            return
+        await deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError(f"not within {seconds}s")
