@@ -7,6 +7,7 @@ fed by the test.
 
 import attrs
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 
 from acestream_proxy.config import Tuning
@@ -57,6 +58,7 @@ class FakeEngineAPI:
     getstreams: list = attrs.field(factory=list)
     stops: list = attrs.field(factory=list)
     readers: list = attrs.field(factory=list)
+    _awaited: list = attrs.field(factory=list)
 
     async def getstream(self, engine, key, param="infohash"):
         self.getstreams.append((engine.id, param, key))
@@ -75,6 +77,26 @@ class FakeEngineAPI:
             raise RuntimeError("probe failed")
         return "3.1.5"
 
+    def reader(self, n: int) -> Deferred:
+        """
+        Fire with the protocol reading the C{n}th playback body (from 0)
+        once the proxy has opened it: on a store with I/O of its own (Redis)
+        a stream reaches its engine only after the store has answered, which
+        the test awaits this way rather than polling C{readers}.
+        """
+        d = Deferred()
+        self._awaited.append((n, d))
+        self._opened()
+        return d
+
+    def _opened(self) -> None:
+        awaited, self._awaited = self._awaited, []
+        for n, d in awaited:
+            if n < len(self.readers):
+                d.callback(self.readers[n])
+            else:
+                self._awaited.append((n, d))
+
 
 @attrs.define(eq=False)
 class _FakeResponse:
@@ -83,16 +105,22 @@ class _FakeResponse:
     def deliverBody(self, protocol) -> None:
         protocol.makeConnection(StringTransport())
         self.api.readers.append(protocol)
+        self.api._opened()
 
 
 def packets(first_seq: int, count: int) -> bytes:
     return data_packets(first_seq, count, b"\x01\x01\x01\x01", 0.0)
 
 
-def make_server(clock, api=None, engines=None, **tuning) -> StreamRegistry:
+def make_server(clock, api=None, engines=None, store=None, **tuning) -> StreamRegistry:
+    """
+    A proxy on C{clock} with the fake engine API: on the embedded store,
+    or on C{store} when given one (made with the same C{tuning}).
+    """
     api = api or FakeEngineAPI()
     tuning = Tuning(**tuning)
     engines = engines or [Engine("engine-a", "http://127.0.0.1:6878", "127.0.0.1", 6878)]
     registry = EngineRegistry(engines, api)
-    store = MemoryStore(clock, tuning.buffer_chunks, tuning.chunk_ttl, "worker-1")
+    if store is None:
+        store = MemoryStore(clock, tuning.buffer_chunks, tuning.chunk_ttl, "worker-1")
     return StreamRegistry(store, registry, api, clock, tuning, "worker-1")

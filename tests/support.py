@@ -3,14 +3,16 @@ Test support: the simulated engine and the proxy on real sockets of
 127.0.0.1, and players that read with treq and keep every byte they got.
 """
 
+import weakref
 from typing import Callable
 
 import attrs
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.server import Site
 
@@ -43,7 +45,10 @@ def check_whole_packets(data: bytes | bytearray, key: str, allowed_jumps: int = 
 async def eventually(predicate: Callable[[], object], timeout: float = 10.0, what: str = ""):
     """
     Wait on the real reactor until C{predicate()} is true: for conditions
-    that depend on other processes or sockets, never as a fixed sleep.
+    that depend on other processes or sockets, never as a fixed sleep.  The
+    proxy's own logic (its timers, states and limits) is driven on a
+    L{task.Clock} instead, and what it offers to await (a stream's stop, a
+    player's bytes, a lost connection: see below) is awaited.
     """
     waited = 0.0
     while True:
@@ -208,3 +213,147 @@ class Player:
 
 async def _now(value):
     return value
+
+
+# Awaiting what the proxy does, instead of polling for it
+
+
+def _outcome(d: Deferred) -> Deferred:
+    """
+    A new L{Deferred} with C{d}'s outcome, leaving C{d}'s result to its
+    other callbacks.
+    """
+    copy = Deferred()
+
+    def fire(result):
+        if isinstance(result, Failure):
+            copy.errback(result)
+        else:
+            copy.callback(None)
+        return result
+
+    d.addBoth(fire)
+    return copy
+
+
+@attrs.define(eq=False)
+class StreamStops:
+    """
+    The stops of a registry's streams, to await rather than poll for a
+    stream to be gone.  A stream that stops by itself (its grace over, its
+    start failed, its reconnections exhausted) offers nothing to await until
+    it begins to stop, which it does by leaving its registry: so the
+    registry's C{removeService}, through which every stream then passes, is
+    wrapped to note the stream's stop L{Deferred} (its C{stopService}
+    result, the same however often it is asked for).
+    """
+
+    registry: object
+    _stops: dict = attrs.field(factory=dict)
+    _noted: set = attrs.field(factory=set)
+
+    @classmethod
+    def watch(cls, registry) -> "StreamStops":
+        """
+        Watch C{registry} from now on (the same watcher however often it is
+        asked for): before its first stream, so that no stop goes unseen.
+        """
+        stops = _WATCHING.get(registry)
+        if stops is not None:
+            return stops
+        stops = _WATCHING[registry] = cls(registry)
+        remove = registry.removeService
+
+        def removeService(service):
+            removed = remove(service)
+            stops._begun(service)
+            return removed
+
+        registry.removeService = removeService
+        return stops
+
+    @classmethod
+    def of(cls, registry) -> "StreamStops":
+        """
+        The watcher of C{registry}, which must have been watched from the
+        start.
+        """
+        assert registry in _WATCHING, "watch the registry before its first stream"
+        return _WATCHING[registry]
+
+    def _done(self, stream) -> Deferred:
+        if stream not in self._stops:
+            self._stops[stream] = Deferred()
+        return self._stops[stream]
+
+    def _begun(self, stream) -> None:
+        if stream in self._noted:
+            return
+        self._noted.add(stream)
+        _outcome(stream.stopService()).chainDeferred(self._done(stream))
+
+    def stopped(self, stream, timeout: float = 10.0) -> Deferred:
+        """
+        Fire once C{stream} has stopped, which it may not have begun to do
+        yet: everything its stop does (its players' bodies ended, and for an
+        owner the engine told to stop and the keys deleted) is done.
+        """
+        return _outcome(self._done(stream)).addTimeout(timeout, reactor)
+
+    def all_stopped(self, timeout: float = 10.0) -> Deferred:
+        """
+        Fire once every stream that began to stop has stopped, and every
+        stream the registry has now as well.
+        """
+        streams = set(self._stops) | set(self.registry.streams.values())
+        d = DeferredList(
+            [_outcome(self._done(s)) for s in streams], fireOnOneErrback=True, consumeErrors=True
+        )
+        return d.addCallback(lambda _: None).addTimeout(timeout, reactor)
+
+
+async def watched(start, engines, **options) -> RunningProxy:
+    """
+    A proxy started with C{start} (the C{proxy_factory} fixture), whose
+    streams' stops are watched from the start (L{StreamStops.of}).
+    """
+    proxy = await start(engines, **options)
+    StreamStops.watch(proxy.registry)
+    return proxy
+
+
+#: The watcher of each watched registry.
+_WATCHING: "weakref.WeakKeyDictionary[object, StreamStops]" = weakref.WeakKeyDictionary()
+
+
+def gone(producer, timeout: float = 10.0) -> Deferred:
+    """
+    Fire once the proxy has seen the connection of C{producer}'s player
+    close, and the player has left its stream.  twisted.web tells of a lost
+    connection through the request's C{notifyFinish}, in the order it was
+    asked for; the route asked first, and cancels the player's stream then,
+    so by the time this fires the player is detached.
+    """
+    request = producer.request
+    if request.channel is None:
+        return succeed(None)
+    return request.notifyFinish().addErrback(lambda _: None).addTimeout(timeout, reactor)
+
+
+def work_done(owner, timeout: float = 10.0) -> Deferred:
+    """
+    Fire once the background work C{owner} (a stream, or the stream
+    registry) has under way has ended: a stream's metadata writes, its
+    players' registrations, the stop commands of the engine sessions it
+    replaced; the registry's engine probes.
+    """
+    return _outcome(owner.tasks.settle()).addTimeout(timeout, reactor)
+
+
+def sent_by(*running: RunningEngine) -> int:
+    """
+    The bytes the engines' live sessions wrote to their playback
+    connections so far: no player can have had more of them, so whatever a
+    player gets past this many bytes came from a later session.
+    """
+    return sum(session.bytes_sent for r in running for session in r.engine.sessions.values())

@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 from twisted.web.client import Agent
 from twisted.web.http import parse_qs
 from twisted.web.http_headers import Headers
@@ -26,7 +25,7 @@ from twisted.web.server import Site
 
 from acestream_proxy.testing.engine import FOREIGN_HOST, SimulatedEngine
 
-from .support import HASHES, Player, eventually, start_engine, start_proxy
+from .support import HASHES, Player, StreamStops, start_engine, start_proxy, watched
 
 KEY = HASHES[0]
 OTHER = HASHES[1]
@@ -102,22 +101,23 @@ def shared():
     """
     engine = start_engine(bitrate=500_000)
     proxy = pytest_twisted.blockon(start_proxy([engine.config("engine-a")], cleanup_grace=0.2))
+    StreamStops.watch(proxy.registry)
     yield engine, proxy
     pytest_twisted.blockon(proxy.stop())
     pytest_twisted.blockon(engine.stop())
 
 
-async def no_stream_left(proxy, timeout: float = 10.0) -> None:
+async def no_stream_left(proxy) -> None:
     """
-    Wait until the proxy has no session and its store no stream.
+    Once every stream of the proxy has stopped (a failed start stops its
+    stream before its players are answered, a stream without players once
+    its grace is over), the proxy has no session and its store no stream;
+    and since a stop waits for the engine's answer, the engine has ended
+    every session the proxy stopped, and their playback connections.
     """
-    await eventually(lambda: not proxy.registry.streams, timeout, what="sessions gone")
-    waited = 0.0
-    while streams := await proxy.registry.store.list_streams():
-        if waited >= timeout:
-            raise AssertionError(f"streams left in the store: {streams}")
-        await deferLater(reactor, 0.01, lambda: None)
-        waited += 0.01
+    await StreamStops.of(proxy.registry).all_stopped()
+    assert proxy.registry.streams == {}
+    assert await proxy.registry.store.list_streams() == []
 
 
 # 400: the stream key
@@ -367,7 +367,7 @@ FAST = {"engine_timeout": 0.5, "first_byte_timeout": 0.5}
 async def test_engine_fault_fails_the_start(
     engine, proxy_factory, opened, fault, status, message, engine_session
 ):
-    proxy = await proxy_factory([engine.config("engine-a")], **FAST)
+    proxy = await watched(proxy_factory, [engine.config("engine-a")], **FAST)
     engine.engine.faults.add(fault)
     error = assert_error(await fetch(proxy.stream_url(KEY)), status, message)
     assert error.startswith("engine engine-a ")
@@ -375,10 +375,9 @@ async def test_engine_fault_fails_the_start(
 
     await no_stream_left(proxy)
     assert len(opened.sessions) == (1 if engine_session else 0)
-    ids = [s.session_id for s in opened.sessions]
-    await eventually(lambda: engine.engine.stopped == ids, what=f"engine told to stop {ids}")
+    assert engine.engine.stopped == [s.session_id for s in opened.sessions]
     assert engine.engine.sessions == {}
-    await eventually(lambda: engine.engine.playback_connections == 0, what="playback closed")
+    assert engine.engine.playback_connections == 0
 
     # The failure is not remembered: once the engine is well, the stream plays.
     engine.engine.faults.clear()
@@ -415,12 +414,14 @@ def trap(engine):
 
 @pytest_twisted.ensureDeferred
 async def test_foreign_playback_url_is_never_fetched(engine, proxy_factory, opened, trap):
-    proxy = await proxy_factory([engine.config("engine-a")], **FAST)
+    proxy = await watched(proxy_factory, [engine.config("engine-a")], **FAST)
     engine.engine.faults.add("foreign_playback")
     answer = await fetch(proxy.stream_url(KEY))
     assert_error(answer, 502, "gave a playback_url outside its own host and port")
     [session] = opened.sessions
-    await eventually(lambda: engine.engine.stopped == [session.session_id], what="engine stop")
+    # The unusable session was stopped (at the engine's own address) before
+    # the start failed.
+    assert engine.engine.stopped == [session.session_id]
     assert session.bytes_sent == 0
     assert engine.engine.playback_connections == 0
     assert trap == []
@@ -438,7 +439,9 @@ async def test_foreign_playback_url_is_never_fetched(engine, proxy_factory, open
 async def test_players_of_one_failed_start_get_the_same_error(
     engine, proxy_factory, fault, status, message
 ):
-    proxy = await proxy_factory([engine.config("engine-a")], engine_timeout=1, first_byte_timeout=1)
+    proxy = await watched(
+        proxy_factory, [engine.config("engine-a")], engine_timeout=1, first_byte_timeout=1
+    )
     engine.engine.faults.add(fault)
     answers = await gatherResults(
         [Deferred.fromCoroutine(fetch(proxy.stream_url(KEY))) for _ in range(3)]
@@ -447,7 +450,7 @@ async def test_players_of_one_failed_start_get_the_same_error(
     assert len(errors) == 1
     assert engine.engine.getstream_calls == [("id", KEY)]
     await no_stream_left(proxy)
-    await eventually(lambda: not engine.engine.sessions, what="engine sessions stopped")
+    assert engine.engine.sessions == {}
 
 
 # 401: the admin token
@@ -455,7 +458,7 @@ async def test_players_of_one_failed_start_get_the_same_error(
 
 @pytest_twisted.ensureDeferred
 async def test_delete_needs_the_admin_token(engine, proxy_factory):
-    proxy = await proxy_factory([engine.config("engine-a")], admin_token=TOKEN)
+    proxy = await watched(proxy_factory, [engine.config("engine-a")], admin_token=TOKEN)
     player = await Player.open(proxy.stream_url(KEY))
     await player.wait_bytes(1)
     url = f"{proxy.url}/streams/{KEY}"
@@ -607,5 +610,5 @@ async def test_still_serving_after_fuzzing(shared):
     assert health.code == 200
     assert health.json()["status"] == "ok"
     await no_stream_left(proxy)
-    await eventually(lambda: not engine.engine.sessions, what="engine sessions stopped")
-    await eventually(lambda: engine.engine.playback_connections == 0, what="playback closed")
+    assert engine.engine.sessions == {}
+    assert engine.engine.playback_connections == 0

@@ -46,7 +46,7 @@ from acestream_proxy.stream.registry import LIMIT_RETRY_AFTER, SHUTDOWN_DRAIN, S
 
 from .rawplayer import open_raw_player
 from .redis_server import free_port
-from .support import HASHES, Player, check_whole_packets, eventually, start_proxy
+from .support import HASHES, Player, check_whole_packets, eventually, gone, start_proxy
 from .test_end_to_end import PROXY_LISTENING, spawn, twistd  # noqa: F401 (spawn: fixture)
 
 KEY, OTHER, THIRD = HASHES[3], HASHES[4], HASHES[5]
@@ -129,6 +129,26 @@ def queued(transport) -> int:
 def raw_producers(session) -> list:
     """The producers of the session's raw-socket players (user agent C{raw})."""
     return [p for p in session.players if p.info.user_agent == "raw"]
+
+
+async def chunks_later(session, count: int) -> None:
+    """
+    Fire once C{count} more chunks have reached the session's players.
+    """
+    for _ in range(count):
+        await session.fanout.next_chunk().addTimeout(10, reactor)
+
+
+def all_gone(producers, timeout: float = 20.0) -> Deferred:
+    """
+    Fire once the proxy has seen the connection of each of C{producers}
+    close (see L{gone}).
+    """
+    return DeferredList(
+        [gone(producer, timeout) for producer in producers],
+        fireOnOneErrback=True,
+        consumeErrors=True,
+    )
 
 
 def stream_keys(redis_server) -> list[str]:
@@ -416,7 +436,8 @@ async def test_stuck_players_hold_at_most_one_chunk_each(engine, proxy_factory):
             assert sum(held) <= bound, (sum(held), bound)
             # Half a second of broadcast more, every stuck player still there.
             mark = window.next_index
-            await eventually(lambda: window.next_index >= mark + 10, what="10 more chunks")
+            await chunks_later(session, 10)
+            assert window.next_index >= mark + 10
             assert len(raw_producers(session)) == STUCK
         assert samples[-1] <= samples[0], samples
         assert samples[0] > 0, "the stuck players' sockets never filled"
@@ -424,9 +445,11 @@ async def test_stuck_players_hold_at_most_one_chunk_each(engine, proxy_factory):
         await healthy.more(300 * PACKET_SIZE)
         check(healthy.data)
     finally:
+        left = all_gone(raw_producers(session))
         for player in stuck:
             player.transport.abortConnection()
-    await eventually(lambda: not raw_producers(session), what="the stuck players gone")
+    await left
+    assert not raw_producers(session), "the stuck players are gone"
 
 
 @pytest_twisted.ensureDeferred
@@ -445,30 +468,32 @@ async def test_stuck_players_are_dropped_after_write_timeout(engine, proxy_facto
     session = proxy.registry.streams[KEY]
     (kept,) = session.players
 
-    # Each stuck producer lives at least write_timeout: note them all.
+    # Each stuck producer lives at least write_timeout, longer than between
+    # two checks of stuck_players: note them all, and when each goes.
     seen: dict[str, tuple] = {}
+    dropped = []
 
     def note() -> None:
         for producer in raw_producers(session):
-            seen.setdefault(
-                producer.info.id, (weakref.ref(producer), weakref.ref(producer.request.transport))
-            )
+            if producer.info.id not in seen:
+                seen[producer.info.id] = (
+                    weakref.ref(producer),
+                    weakref.ref(producer.request.transport),
+                )
+                dropped.append(gone(producer, timeout=20))
 
     stuck = await stuck_players(proxy, STUCK, note)
+    assert len(seen) == STUCK
 
     def disconnected(refs) -> bool:
         transport = refs[1]()
         return transport is None or not transport.connected
 
-    def all_dropped() -> bool:
-        note()
-        return (
-            len(seen) == STUCK
-            and session.players.producers == {kept}
-            and all(disconnected(refs) for refs in seen.values())
-        )
-
-    await eventually(all_dropped, timeout=20, what="every stuck player dropped")
+    # Their sockets fill, write_timeout passes (on a Clock in
+    # tests/test_timers.py), and the proxy drops each.
+    await DeferredList(dropped, fireOnOneErrback=True, consumeErrors=True)
+    assert session.players.producers == {kept}
+    assert all(disconnected(refs) for refs in seen.values())
     assert session.fanout.producers == {kept}
     assert session.fanout.live_count == 1
     await until(

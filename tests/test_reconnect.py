@@ -6,9 +6,12 @@ between attempts up to C{max_reconnects}; players keep their connections
 and their bytes stay whole packets, with one jump in sequence per
 reconnection.  Engines that fail their probe get no new stream.
 
-The timer logic runs on a L{Clock} with the fake engine API; the engine
-faults (reset, stall, lost sync, failed getstream, failed probe) through
-real sockets with the simulated engine, on both stores.
+The timer logic runs on a L{Clock} with the fake engine API (and what the
+streams view shows of it, on both stores); the engine faults (reset, stall,
+lost sync, failed getstream, failed probe) through real sockets with the
+simulated engine, on both stores, awaiting what the proxy offers (a
+player's bytes, a stream's stop, its background work) rather than polling
+its state.
 """
 
 import attrs
@@ -18,7 +21,7 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -26,6 +29,8 @@ from twisted.web.client import ResponseDone
 from acestream_proxy.config import Tuning
 from acestream_proxy.engine.registry import Engine
 from acestream_proxy.errors import EngineError
+from acestream_proxy.http import views
+from acestream_proxy.store.redis import RedisStore
 from acestream_proxy.stream.health import (
     BACKOFF_BASE,
     BACKOFF_CAP,
@@ -35,11 +40,21 @@ from acestream_proxy.stream.health import (
     reconnect_delays,
 )
 from acestream_proxy.stream.mpegts import PACKET_SIZE
-from acestream_proxy.testing.engine import DESYNC_JUNK
+from acestream_proxy.testing.engine import DESYNC_JUNK, SimulatedEngine
 from acestream_proxy.testing.synthetic import verify
 
 from .fakes import FakeEngineAPI, FakeRequest, make_server, packets
-from .support import HASHES, Player, check_whole_packets, eventually, start_engine
+from .support import (
+    HASHES,
+    Player,
+    StreamStops,
+    check_whole_packets,
+    eventually,
+    sent_by,
+    start_engine,
+    watched,
+    work_done,
+)
 
 KEY = "ab" * 20
 
@@ -367,6 +382,93 @@ def test_no_reconnection_allowed_ends_the_stream_at_once():
     assert ended_cleanly(attached)
 
 
+# --- what the streams view shows, on either store -------------------------------
+
+
+async def clocked_server(store_url, clock, api, **tuning):
+    """
+    A running proxy on C{clock} with the fake engine API, on the embedded
+    store or on the Redis at C{store_url}, whose own I/O runs on the real
+    reactor (the test awaits it, never polls).
+    """
+    store = None
+    if store_url is not None:
+        settings = Tuning(**tuning)
+        store = RedisStore(
+            url=store_url,
+            reactor=reactor,
+            worker_id="worker-1",
+            buffer_chunks=settings.buffer_chunks,
+            chunk_ttl=settings.chunk_ttl,
+            ghost_client_timeout=settings.ghost_client_timeout,
+            owner_lease=settings.owner_lease,
+        )
+        store.startService()
+        # Both of its connection pools, up.
+        await store.get_owner(KEY)
+        await store.buffer.latest(KEY)
+    server = make_server(clock, api, store=store, **tuning)
+    server.startService()
+    return server
+
+
+async def shown(server, session) -> tuple:
+    """
+    The stream's status, health and reconnections as C{GET /streams}
+    shows them, once the metadata writes under way have landed.
+    """
+    await work_done(session)
+    [stream] = await views.streams_view(server)
+    return stream["status"], stream["health"], stream["reconnects"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_streams_view_shows_a_silent_engine(store_url, log_events):
+    """
+    What the API shows of a stream whose engine falls silent, on either
+    store: unhealthy and not yet reconnected from C{no_data_timeout} on,
+    then reconnected once C{reconnect_after} more have passed and the new
+    session's data flows.
+    """
+    clock = Clock()
+    api = FlakyEngineAPI(clock=clock)
+    # A lease long enough that no renewal falls in the test.
+    server = await clocked_server(
+        store_url, clock, api, no_data_timeout=10, reconnect_after=30, owner_lease=300
+    )
+    request = FakeRequest()
+    attached = Deferred.fromCoroutine(server.attach(KEY, "id", request))
+    (await api.reader(0)).dataReceived(packets(0, 50))
+    await attached
+    session = server.streams[KEY]
+    session.source.jitter = lambda: 0.0
+
+    clock.pump([1] * 9)
+    assert await shown(server, session) == ("started", "healthy", 0)
+    assert not logged(log_events, "is unhealthy")
+    clock.advance(1)
+    assert await shown(server, session) == ("unhealthy", "unhealthy", 0)
+    assert logged(log_events, "is unhealthy")
+    clock.pump([1] * 29)
+    assert await shown(server, session) == ("unhealthy", "unhealthy", 0)
+    assert not logged(log_events, "reconnecting")
+    assert api.asked_engines == ["engine-a"]
+
+    clock.advance(1)
+    assert logged(log_events, "reconnecting")
+    assert api.asked_engines == ["engine-a", "engine-a"]
+    api.readers[1].dataReceived(packets(500, 20))
+    assert await shown(server, session) == ("started", "healthy", 1)
+    assert api.stops == ["session-1"]
+    report = verify(body(request), allowed_jumps=1)
+    assert report.ok and report.gaps == [(50, 500)], report.describe()
+
+    await session.stop("the test is over")
+    await server.stopService()
+    if store_url is not None:
+        await server.store.stopService()
+
+
 # --- engine faults through real sockets -----------------------------------------
 
 #: Small numbers, so that a test's stream ends soon after its players leave.
@@ -393,21 +495,6 @@ async def get_json(url: str):
     return await treq.json_content(await treq.get(url))
 
 
-async def until(fetch, predicate, timeout: float = 10.0, what: str = ""):
-    """
-    Call C{fetch()} (asynchronous) until C{predicate} holds for its result,
-    on the real reactor, within C{timeout}; return that result.
-    """
-    deadline = reactor.seconds() + timeout
-    while True:
-        value = await fetch()
-        if predicate(value):
-            return value
-        if reactor.seconds() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}: {value!r}")
-        await deferLater(reactor, 0.01, lambda: None)
-
-
 async def stream_info(proxy, key: str = HASHES[0]) -> dict | None:
     for stream in await get_json(proxy.url + "/streams"):
         if stream["key"] == key:
@@ -421,13 +508,16 @@ def check_bytes(player: Player, allowed_jumps: int, key: str = HASHES[0]):
 
 async def nothing_left(proxy, *engines) -> None:
     """
-    Once its players are gone, the stream leaves no session on the proxy,
-    no key in the store and no session on any engine.
+    Once its players are gone, the stream stops (after its grace) and
+    leaves no session on the proxy, no key in the store and no session on
+    any engine: its stop waited for the engines' answers to every stop
+    command, those of the sessions it replaced included.
     """
-    await eventually(lambda: not proxy.registry.streams, what="the proxy's sessions to end")
-    await until(proxy.registry.store.list_streams, lambda s: s == [], what="no stream in the store")
+    await StreamStops.of(proxy.registry).all_stopped()
+    assert proxy.registry.streams == {}
+    assert await proxy.registry.store.list_streams() == []
     for running in engines:
-        await eventually(lambda: not running.engine.sessions, what="the engine's sessions to end")
+        assert running.engine.sessions == {}
         assert running.engine.playback_connections == 0
 
 
@@ -435,18 +525,21 @@ async def nothing_left(proxy, *engines) -> None:
 async def test_engine_reset_is_reconnected_and_players_stay(
     engine, proxy_factory, store_url, log_events
 ):
-    proxy = await proxy_factory([engine.config("engine-a")], redis=store_url, **FAST)
+    proxy = await watched(proxy_factory, [engine.config("engine-a")], redis=store_url, **FAST)
     player = await Player.open(proxy.stream_url(HASHES[0]))
     await player.wait_bytes(100 * PACKET_SIZE)
+    session = proxy.registry.streams[HASHES[0]]
     [first_session] = engine.engine.sessions
+    sent = sent_by(engine)
     assert engine.engine.drop_playback() == 1
 
-    await eventually(lambda: len(engine.engine.getstream_calls) == 2, what="a second getstream")
-    await player.more(500 * PACKET_SIZE)
-    await eventually(lambda: first_session in engine.engine.stopped, what="the old session's stop")
-    stream = await until(
-        lambda: stream_info(proxy), lambda s: s["health"] == "healthy", what="healthy again"
-    )
+    # Bytes past what the first session sent come from a second one.
+    await player.wait_bytes(sent + 500 * PACKET_SIZE)
+    assert len(engine.engine.getstream_calls) == 2
+    await work_done(session)
+    assert first_session in engine.engine.stopped
+    stream = await stream_info(proxy)
+    assert stream["health"] == "healthy"
     assert stream["reconnects"] == 1
     assert stream["status"] == "started"
     assert stream["playback_session_id"] != first_session
@@ -459,11 +552,32 @@ async def test_engine_reset_is_reconnected_and_players_stay(
     await nothing_left(proxy, engine)
 
 
+@pytest.fixture
+def stall_until_reconnected(monkeypatch):
+    """
+    A C{playback_stall} that lasts until the proxy asks the engine for a
+    new session, so that the reconnection it makes is what ends it.
+    """
+    open_session = SimulatedEngine.open_session
+
+    def lifting(self, *args, **kwargs):
+        self.faults.discard("playback_stall")
+        return open_session(self, *args, **kwargs)
+
+    monkeypatch.setattr(SimulatedEngine, "open_session", lifting)
+
+
 @pytest_twisted.ensureDeferred
 async def test_stalled_engine_turns_unhealthy_then_is_reconnected(
-    engine, proxy_factory, store_url, log_events
+    engine, proxy_factory, store_url, log_events, stall_until_reconnected
 ):
-    proxy = await proxy_factory(
+    """
+    An engine connection that carries nothing is replaced.  When each step
+    is taken, and what the stream shows meanwhile, is for the Clock tests
+    above; here the whole path, through sockets, on either store.
+    """
+    proxy = await watched(
+        proxy_factory,
         [engine.config("engine-a")],
         redis=store_url,
         no_data_timeout=0.3,
@@ -472,26 +586,19 @@ async def test_stalled_engine_turns_unhealthy_then_is_reconnected(
     )
     player = await Player.open(proxy.stream_url(HASHES[0]))
     await player.wait_bytes(100 * PACKET_SIZE)
+    session = proxy.registry.streams[HASHES[0]]
     engine.engine.faults.add("playback_stall")
+    sent = sent_by(engine)
 
-    stream = await until(
-        lambda: stream_info(proxy), lambda s: s["health"] == "unhealthy", what="unhealthy"
-    )
-    assert stream["status"] == "unhealthy"
-    assert stream["reconnects"] == 0
+    # Bytes past what the stalled session sent come from a new one.
+    await player.wait_bytes(sent + 500 * PACKET_SIZE)
+    assert len(engine.engine.getstream_calls) == 2
     assert logged(log_events, "is unhealthy")
-    # The stall holds the new connection too until it is lifted.
-    await eventually(lambda: len(engine.engine.getstream_calls) == 2, what="a reconnection")
-    engine.engine.faults.discard("playback_stall")
-    received = len(player.data)
-    await player.more(500 * PACKET_SIZE)
-    stream = await until(
-        lambda: stream_info(proxy), lambda s: s["health"] == "healthy", what="healthy again"
-    )
-    assert (stream["status"], stream["reconnects"]) == ("started", 1)
-    assert len(check_bytes(player, allowed_jumps=1).gaps) == 1
-    assert len(player.data) > received
     assert logged(log_events, "reconnecting")
+    await work_done(session)
+    stream = await stream_info(proxy)
+    assert (stream["status"], stream["health"], stream["reconnects"]) == ("started", "healthy", 1)
+    assert len(check_bytes(player, allowed_jumps=1).gaps) == 1
 
     player.disconnect()
     await nothing_left(proxy, engine)
@@ -502,22 +609,27 @@ async def test_failover_to_the_next_engine(proxy_factory, store_url, log_events)
     first = start_engine(bitrate=8_000_000)
     second = start_engine(bitrate=8_000_000)
     try:
-        proxy = await proxy_factory(
-            [first.config("engine-a"), second.config("engine-b")], redis=store_url, **FAST
+        proxy = await watched(
+            proxy_factory,
+            [first.config("engine-a"), second.config("engine-b")],
+            redis=store_url,
+            **FAST,
         )
         player = await Player.open(proxy.stream_url(HASHES[0]))
         await player.wait_bytes(100 * PACKET_SIZE)
+        session = proxy.registry.streams[HASHES[0]]
         [first_session] = first.engine.sessions
         first.engine.faults.add("getstream_500")
+        sent = sent_by(first)
         first.engine.drop_playback()
 
-        await eventually(lambda: second.engine.sessions, what="a session on the second engine")
-        await player.more(500 * PACKET_SIZE)
-        stream = await until(
-            lambda: stream_info(proxy),
-            lambda s: s["health"] == "healthy" and s["container_id"] == "engine-b",
-            what="the stream on engine-b",
-        )
+        # Bytes past what the first session sent come from the second
+        # engine: the first opens no other session.
+        await player.wait_bytes(sent + 500 * PACKET_SIZE)
+        assert len(second.engine.sessions) == 1
+        await work_done(session)
+        stream = await stream_info(proxy)
+        assert (stream["health"], stream["container_id"]) == ("healthy", "engine-b")
         # One attempt on the same engine, one on the next.
         assert stream["reconnects"] == 2
         assert len(first.engine.getstream_calls) == 2
@@ -540,7 +652,8 @@ async def test_reconnections_exhausted_end_the_players_cleanly(
     first = start_engine(bitrate=8_000_000)
     second = start_engine(bitrate=8_000_000)
     try:
-        proxy = await proxy_factory(
+        proxy = await watched(
+            proxy_factory,
             [first.config("engine-a"), second.config("engine-b")],
             redis=store_url,
             max_reconnects=3,
@@ -574,7 +687,7 @@ async def test_lost_sync_is_regained_without_losing_a_packet(
     Junk before each batch of the engine's body: the aligner drops exactly
     the junk, so the players' bytes stay whole packets with no packet lost.
     """
-    proxy = await proxy_factory([engine.config("engine-a")], redis=store_url, **FAST)
+    proxy = await watched(proxy_factory, [engine.config("engine-a")], redis=store_url, **FAST)
     player = await Player.open(proxy.stream_url(HASHES[0]))
     await player.wait_bytes(100 * PACKET_SIZE)
     engine.engine.faults.add("playback_desync")
@@ -600,19 +713,21 @@ async def test_engine_failing_its_probe_gets_no_new_stream(proxy_factory, store_
     first = start_engine(bitrate=1_000_000)
     second = start_engine(bitrate=1_000_000)
     try:
-        proxy = await proxy_factory(
+        proxy = await watched(
+            proxy_factory,
             [first.config("engine-a"), second.config("engine-b")],
             redis=store_url,
-            probe_interval=0.2,
             **FAST,
         )
         engines_url = proxy.url + "/engines"
+        # The probes are made here rather than waited for: their period is
+        # tested on a Clock (tests/test_timers.py).
+        probe = proxy.registry.engines.probe
+        await work_done(proxy.registry)
         first.engine.faults.add("version_fail")
-        await until(
-            lambda: get_json(engines_url),
-            lambda engines: [e["healthy"] for e in engines] == [False, True],
-            what="engine-a unhealthy",
-        )
+        await probe()
+        engines = await get_json(engines_url)
+        assert [e["healthy"] for e in engines] == [False, True]
         assert logged(log_events, "failed its health probe")
         player = await Player.open(proxy.stream_url(HASHES[0]))
         await player.wait_bytes(10 * PACKET_SIZE)
@@ -620,11 +735,9 @@ async def test_engine_failing_its_probe_gets_no_new_stream(proxy_factory, store_
         assert len(second.engine.getstream_calls) == 1
 
         first.engine.faults.discard("version_fail")
-        await until(
-            lambda: get_json(engines_url),
-            lambda engines: [e["healthy"] for e in engines] == [True, True],
-            what="engine-a healthy again",
-        )
+        await probe()
+        engines = await get_json(engines_url)
+        assert [e["healthy"] for e in engines] == [True, True]
         assert logged(log_events, "is healthy again")
         # Back in the rotation: the least loaded engine takes the next stream.
         other = await Player.open(proxy.stream_url(HASHES[1]))

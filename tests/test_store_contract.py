@@ -19,7 +19,7 @@ import txredisapi
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import (
     IReactorPluggableNameResolver,
     IReactorTCP,
@@ -111,42 +111,59 @@ async def subscribed(store) -> None:
     probe = "subscribed-" + store.worker_id
     store.listen(probe, heard)
     try:
+        # A probe published before the subscription is made is lost: publish
+        # again until one is heard.
         for _ in range(int(EXPIRY_WAIT / 0.05)):
             await store.publish(probe, "probe")
-            if await _heard_within(heard, 0.05):
-                return
+            try:
+                await heard.wait("probe", timeout=0.05)
+            except TimeoutError:
+                continue
+            return
         raise AssertionError("the store never heard its own events")
     finally:
         store.unlisten(probe, heard)
 
 
-async def _heard_within(heard: "Heard", seconds: float) -> bool:
-    deadline = reactor.seconds() + seconds
-    while not heard.events and reactor.seconds() < deadline:
-        await deferLater(reactor, 0.005, lambda: None)
-    return bool(heard.events)
-
-
 class Heard:
     """
-    A listener that keeps every event it is given.
+    A listener that keeps every event it is given, and tells whoever waits
+    for some as soon as they are there.
     """
 
     def __init__(self) -> None:
         self.events: list[dict] = []
+        self._waiting: list[tuple[str, int, Deferred]] = []
 
     def __call__(self, event: dict) -> None:
         self.events.append(event)
+        waiting, self._waiting = self._waiting, []
+        for name, count, d in waiting:
+            self._check(name, count, d)
 
     def named(self, name: str) -> list[dict]:
         return [e for e in self.events if e.get("event") == name]
 
-    async def wait(self, name: str, count: int = 1) -> list[dict]:
-        return await eventually(
-            lambda: len(self.named(name)) >= count and self.named(name),
-            timeout=EXPIRY_WAIT,
-            what=f"{count} {name} event(s)",
-        )
+    def wait(self, name: str, count: int = 1, timeout: float = EXPIRY_WAIT) -> Deferred:
+        """
+        Fire with the C{name} events heard, once there are at least
+        C{count}; fail with L{TimeoutError} after C{timeout} seconds.
+        """
+
+        def forget(d: Deferred) -> None:
+            if (name, count, d) in self._waiting:
+                self._waiting.remove((name, count, d))
+
+        d = Deferred(forget)
+        self._check(name, count, d)
+        return d.addTimeout(timeout, reactor)
+
+    def _check(self, name: str, count: int, d: Deferred) -> None:
+        named = self.named(name)
+        if len(named) >= count:
+            d.callback(named)
+        else:
+            self._waiting.append((name, count, d))
 
 
 async def until(query, check, timeout: float = EXPIRY_WAIT, what: str = ""):

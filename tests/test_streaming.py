@@ -13,7 +13,7 @@ from acestream_proxy.stream.mpegts import PACKET_SIZE
 from acestream_proxy.testing.engine import content_tag
 from acestream_proxy.testing.synthetic import verify
 
-from .support import HASHES, Player, eventually, start_engine
+from .support import HASHES, Player, StreamStops, gone, start_engine
 
 KEY = HASHES[0]
 
@@ -112,19 +112,31 @@ async def test_abrupt_disconnect_is_cleaned_up(engine, proxy_factory):
     engine is told to stop and nothing of the stream is left.
     """
     proxy = await proxy_factory([engine.config("engine-a")], cleanup_grace=0.2)
+    stops = StreamStops.watch(proxy.registry)
     player = await Player.open(proxy.stream_url(KEY))
     await player.wait_bytes(50 * PACKET_SIZE)
     session_id = next(iter(engine.engine.sessions))
+    stream = proxy.registry.streams[KEY]
+    (producer,) = stream.players
     player.disconnect()
 
+    await gone(producer)
+    assert not stream.players, "the killed player is removed at once"
+    assert not stream.stopping, "the stream waits for the grace"
+    # The grace timer itself is tested on a Clock (tests/test_timers.py);
+    # here its end is awaited, and what the stop did checked.
+    await stops.stopped(stream)
+    assert proxy.registry.streams == {}
+    # Stopping waited for the engine's answer to the stop command, and the
+    # engine ends a session's playback connections before it answers.
+    assert engine.engine.stopped == [session_id]
+    assert engine.engine.sessions == {}
+    assert engine.engine.playback_connections == 0
     store = proxy.registry.store
-    await eventually(lambda: not proxy.registry.streams, what="session stopped")
-    await eventually(lambda: session_id in engine.engine.stopped, what="engine told to stop")
     assert await store.list_players(KEY) == {}
     assert await store.get_stream(KEY) is None
     assert await store.buffer.latest(KEY) == 0
     assert await store.get_last_disconnect(KEY) is None
-    await eventually(lambda: engine.engine.playback_connections == 0, what="playback closed")
     streams = await treq.json_content(await treq.get(proxy.url + "/streams"))
     assert streams == []
 
@@ -134,11 +146,15 @@ async def test_player_back_within_grace_reuses_the_session(engine, proxy_factory
     proxy = await proxy_factory([engine.config("engine-a")], cleanup_grace=30)
     first = await Player.open(proxy.stream_url(KEY))
     await first.wait_bytes(50 * PACKET_SIZE)
+    stream = proxy.registry.streams[KEY]
+    (producer,) = stream.players
     first.disconnect()
-    await eventually(lambda: not proxy.registry.streams[KEY].players, what="player gone")
+    await gone(producer)
+    assert not stream.players
     second = await Player.open(proxy.stream_url(KEY))
     await second.wait_bytes(50 * PACKET_SIZE)
     check_bytes(second)
+    assert proxy.registry.streams[KEY] is stream
     assert len(engine.engine.getstream_calls) == 1
     assert engine.engine.stopped == []
     second.disconnect()
@@ -213,8 +229,10 @@ async def test_stream_details_and_delete(engine, proxy_factory):
     for player in players:
         assert await player.ended is True, "the body must end with the chunked terminator"
         check_bytes(player)
-    session_id = details["playback_session_id"]
-    await eventually(lambda: session_id in engine.engine.stopped, what="engine stop")
+    # The DELETE was answered once the stream had stopped, its engine
+    # session included.
+    assert engine.engine.stopped == [details["playback_session_id"]]
+    assert proxy.registry.streams == {}
     missing = await treq.get(f"{proxy.url}/streams/{KEY}")
     assert missing.code == 404
     assert "error" in await treq.json_content(missing)
