@@ -357,9 +357,10 @@ async def test_chunks_go_straight_to_a_socket_with_room(served):
 @pytest_twisted.ensureDeferred
 async def test_request_sent_length_counts_the_body(served, version):
     """
-    The access log's byte count (the request's C{sentLength}) is the body
-    sent, though chunks bypass the request's C{write}: those a player
-    catches up on from the window, and those it gets live.
+    The access log's byte count (the request's C{sentLength}, read when the
+    request ends) is the body sent, though chunks bypass the request's
+    C{write}: those a player catches up on from the window, and those it
+    gets live.
     """
     served.publish(3)
     client = served.connect(version)
@@ -368,8 +369,10 @@ async def test_request_sent_length_counts_the_body(served, version):
         served.publish()
         await eventually(lambda: len(client.body()) == player.bytes_sent, what="the chunk")
     assert player.bytes_sent == 8 * SMALL * PACKET_SIZE
-    assert player.request.sentLength == player.bytes_sent
     whole(client.body())
+    # The access log is written as the request ends.
+    player.finish()
+    assert player.request.sentLength == player.bytes_sent
 
 
 # --- pausing on queued bytes ------------------------------------------------------

@@ -78,7 +78,7 @@ class PlayerProducer:
         request.write(b"")
         self._chunked = bool(request.chunked)
         # twisted.web's request counts its body bytes for the access log;
-        # ours bypass its write, so they are added to that count here.
+        # ours bypass its write, so they are added to that count at the end.
         self._counted = hasattr(request, "sentLength")
         # Chunks are sent pre-framed straight to the transport: the same bytes
         # object for every player, no per-player framing.  The writer pauses
@@ -100,10 +100,7 @@ class PlayerProducer:
         self.position = chunk.index + 1
         if self._chunked:
             framed = chunk.framed
-            size = len(framed) - chunk.start - 2
-            self.bytes_sent += size
-            if self._counted:
-                self.request.sentLength += size
+            self.bytes_sent += chunk.size
             self._write(framed)
         else:
             self._write_raw(chunk)
@@ -129,10 +126,7 @@ class PlayerProducer:
                 return
             self.position = position + 1
             if self._chunked:
-                size = chunk.size
-                self.bytes_sent += size
-                if self._counted:
-                    self.request.sentLength += size
+                self.bytes_sent += chunk.size
                 self._write(chunk.framed)
             else:
                 self._write_raw(chunk)
@@ -142,10 +136,7 @@ class PlayerProducer:
         An HTTP/1.0 player takes the bare packets: a copy, on a path that
         players rarely take.
         """
-        size = chunk.size
-        self.bytes_sent += size
-        if self._counted:
-            self.request.sentLength += size
+        self.bytes_sent += chunk.size
         self._write(bytes(chunk.data))
 
     # IPushProducer
@@ -214,5 +205,9 @@ class PlayerProducer:
         self.fanout.remove(self)
         if self._write is not None:
             self.request.unregisterProducer()
+            if self._counted:
+                # The access log is written when the request ends; the body
+                # bypassed the request's write, which would have counted it.
+                self.request.sentLength += self.bytes_sent
         self.on_detach(self)
         return True

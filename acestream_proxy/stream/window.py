@@ -32,12 +32,19 @@ class Chunk:
 
     @ivar framed: the packets as one HTTP/1.1 chunk (size line, data, CRLF).
     @ivar start: where the packets start in C{framed}.
+    @ivar size: how many bytes of packets it holds; worked out once, since
+        every player counts it for every chunk.
     """
 
     index: int
     framed: bytes
     start: int
     added_at: float
+    size: int = attrs.field(init=False)
+
+    @size.default
+    def _size(self) -> int:
+        return len(self.framed) - self.start - 2
 
     @classmethod
     def make(cls, index: int, data: bytes, added_at: float) -> "Chunk":
@@ -48,9 +55,6 @@ class Chunk:
     def data(self) -> memoryview:
         return memoryview(self.framed)[self.start : -2]
 
-    @property
-    def size(self) -> int:
-        return len(self.framed) - self.start - 2
 
 
 @attrs.define
