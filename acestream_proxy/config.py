@@ -23,8 +23,17 @@ from twisted.internet.endpoints import serverFromString
 _DEFAULT_PORTS = MappingProxyType({"http": 80, "https": 443})
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 REDIS_SHAPE = "redis://host[:port][/db] or unix:///path[?db=N]"
-# Counts for which zero is meaningful: start at the live edge, never reconnect.
-_MAY_BE_ZERO = frozenset({"join_chunks", "max_reconnects"})
+# Counts for which zero is meaningful: start at the live edge, never reconnect,
+# no limit per client address (behind a reverse proxy on another machine,
+# every client has its address).
+_MAY_BE_ZERO = frozenset(
+    {
+        "join_chunks",
+        "max_reconnects",
+        "max_connections_per_address",
+        "max_new_streams_per_address",
+    }
+)
 
 
 class ConfigError(Exception):
@@ -97,6 +106,15 @@ class Tuning:
     max_streams: int = 100
     max_clients_per_stream: int = 500
     max_clients: int = 2000
+    # A client must send its whole request head within this long of
+    # connecting (or of its previous response): a slow trickle of header
+    # bytes would otherwise hold a connection indefinitely.
+    header_timeout: float = 10
+    # Per client address (loopback excepted): a household behind NAT has a
+    # few players, each with a connection or two; one client alone must not
+    # hold the daemon's descriptors or make the engines open many swarms.
+    max_connections_per_address: int = 32
+    max_new_streams_per_address: int = 10
 
 
 @attrs.frozen

@@ -6,6 +6,7 @@ engine probes and client heartbeats), each undone by its own C{stopService}.
 
 import ipaddress
 import re
+import resource
 import uuid
 
 from twisted.application import strports
@@ -14,7 +15,7 @@ from twisted.internet.defer import succeed
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from .config import Config
+from .config import Config, Tuning
 from .engine.api import EngineAPI, EngineClient
 from .engine.registry import Engine, EngineRegistry
 from .http.routes import make_site
@@ -26,6 +27,10 @@ from .stream.registry import StreamRegistry
 __all__ = ["Options", "makeService", "make_service"]
 
 log = Logger()
+
+#: Descriptors besides one per player and two per stream (its engine
+#: playback and API connections): the listener, Redis, the log, API callers.
+FILE_MARGIN = 64
 
 
 class _OrderedService(MultiService):
@@ -89,6 +94,7 @@ def make_service(config: Config, reactor=None, listen: bool = True) -> MultiServ
     if reactor is None:
         from twisted.internet import reactor
     tuning = config.tuning
+    raise_file_limit(tuning)
     top = _OrderedService()
 
     worker_id = uuid.uuid4().hex[:12]
@@ -135,6 +141,61 @@ def warn_if_loopback_is_admin(config: Config) -> None:
 
 #: The interface of a strports description, as in C{tcp:8000:interface=::1}.
 _LISTEN_INTERFACE = re.compile(r"(?:^|:)interface=((?:[^:\\]|\\.)+)")
+
+
+def file_limit_needed(tuning: Tuning) -> int:
+    """
+    Descriptors the daemon may need at its limits: one per player, two per
+    stream, and L{FILE_MARGIN}.
+    """
+    return tuning.max_clients + 2 * tuning.max_streams + FILE_MARGIN
+
+
+def raise_file_limit(tuning: Tuning) -> None:
+    """
+    Raise this process's soft limit on open files to what C{max_clients}
+    needs, as far as the hard limit allows, and say in one line what was
+    done or why it falls short.  At the usual soft limit of 1024, the
+    daemon would otherwise fail to accept players (EMFILE) far below
+    C{max_clients}.
+    """
+    needed = file_limit_needed(tuning)
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError) as e:
+        log.warn("cannot read the open-file limit: {error}", error=e)
+        return
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    try:
+        if target > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as e:
+        log.warn(
+            "the open-file limit is {soft}, below the {needed} that max_clients={clients}"
+            " needs, and raising it failed: {error}",
+            soft=soft,
+            needed=needed,
+            clients=tuning.max_clients,
+            error=e,
+        )
+        return
+    if target >= needed:
+        log.info(
+            "raised the open-file limit from {soft} to {needed} for max_clients={clients}",
+            soft=soft,
+            needed=needed,
+            clients=tuning.max_clients,
+        )
+    else:
+        log.warn(
+            "the open-file limit is {target} (the hard limit), below the {needed} that"
+            " max_clients={clients} needs: raise LimitNOFILE, or lower max_clients",
+            target=target,
+            needed=needed,
+            clients=tuning.max_clients,
+        )
 
 
 def _named(service: Service, name: str, parent: MultiService) -> None:

@@ -112,6 +112,9 @@ def test_defaults():
         "max_streams": 100,
         "max_clients_per_stream": 500,
         "max_clients": 2000,
+        "header_timeout": 10,
+        "max_connections_per_address": 32,
+        "max_new_streams_per_address": 10,
     }
 
 

@@ -5,7 +5,6 @@ JSON C{{"error": ...}} with a proper status, never a traceback.
 """
 
 import hmac
-import ipaddress
 import json
 import re
 
@@ -14,15 +13,23 @@ from klein import Klein
 from klein.resource import KleinResource
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.server import Site
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ..errors import BadRequest, Forbidden, ProxyError, Unauthorized
 from ..stream.registry import StreamRegistry
 from . import views
+from .limits import ClientLimits, is_loopback
+from .site import ProxySite
 
 _HASH = re.compile(r"[0-9a-fA-F]{40}")
 _KEY_PARAMS = ("id", "infohash")
+
+#: The methods of RFC 9110 (and PATCH), spelt as they must be: method names
+#: are case-sensitive, and werkzeug, which would match C{get} to a C{GET}
+#: route, must not see any other.
+KNOWN_METHODS = frozenset(
+    {b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH"}
+)
 
 
 def stream_key(args: dict) -> tuple[str, str]:
@@ -72,6 +79,7 @@ class ProxyWeb:
 
     streams: StreamRegistry
     admin_token: str | None = None
+    limits: ClientLimits | None = None
 
     def resource(self):
         return _Routes(self.app)
@@ -85,6 +93,7 @@ class ProxyWeb:
         request.setHeader(b"Cache-Control", b"no-cache, no-store")
         if request.method == b"HEAD":
             return b""
+        self._check_new_stream(key, request)
         done = await self.streams.attach(key, param, request)
         await done
         return None
@@ -123,6 +132,17 @@ class ProxyWeb:
         health = views.health_view(self.streams)
         return json_body(request, health, 200 if health["status"] == "ok" else 503)
 
+    def _check_new_stream(self, key: str, request) -> None:
+        """
+        A request that would start a stream (none plays here for its key)
+        takes one of its address's new streams of the minute, so that one
+        client alone cannot make the engines open C{max_streams} swarms.
+        Joining a stream that plays is free.  Nothing waits between this
+        and L{StreamRegistry.attach} deciding to start the stream.
+        """
+        if self.limits is not None and key not in self.streams.streams:
+            self.limits.take_new_stream(self.limits.key(request.getClientAddress()), key)
+
     def _check_admin(self, request) -> None:
         """
         State-changing calls need the admin token when one is configured;
@@ -147,15 +167,7 @@ class ProxyWeb:
             if not hmac.compare_digest(given, expected):
                 return Unauthorized("a valid admin token is required")
             return None
-        host = getattr(request.getClientAddress(), "host", "")
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return Forbidden("admin actions are allowed from loopback only")
-        # A dual-stack listener sees an IPv4 client as ::ffff:a.b.c.d,
-        # which ipaddress does not count as loopback even for 127.0.0.1.
-        mapped = getattr(address, "ipv4_mapped", None)
-        if not (mapped or address).is_loopback:
+        if not is_loopback(getattr(request.getClientAddress(), "host", "")):
             return Forbidden("admin actions are allowed from loopback only")
         return None
 
@@ -184,24 +196,35 @@ class ProxyWeb:
         return json_body(request, {"error": "internal error"}, 500)
 
 
-def make_site(streams: StreamRegistry, config) -> Site:
+def make_site(streams: StreamRegistry, config, exempt=is_loopback) -> ProxySite:
     """
-    The HTTP site of a worker: its routes, and no traceback ever shown.
+    The HTTP site of a worker: its routes, behind the hardened channel of
+    L{ProxySite}, and no traceback ever shown.  Its timers and the
+    new-stream window run on the registry's clock.
+
+    @param exempt: which client hosts the per-address limits spare
+        (loopback ones by default).
     """
-    site = Site(ProxyWeb(streams, config.admin_token).resource())
-    site.displayTracebacks = False
-    return site
+    tuning = config.tuning
+    limits = ClientLimits.from_tuning(tuning, streams.clock, exempt)
+    web = ProxyWeb(streams, config.admin_token, limits)
+    return ProxySite(web.resource(), limits, tuning.header_timeout, reactor=streams.clock)
 
 
 class _Routes(KleinResource):
     """
-    Klein's resource, with two of its own answers put right: a URL that is
-    not UTF-8 gets a JSON 400 instead of Klein's plain text, and a path that
-    starts with C{//} is not found, where Klein, which joins the path's
-    segments, would serve C{//health} as C{/health}.
+    Klein's resource, with three of its own answers put right: a method
+    that is not one of L{KNOWN_METHODS}, spelt in capitals, gets a JSON 501
+    (werkzeug would take C{get} for C{GET}); a URL that is not UTF-8 gets a
+    JSON 400 instead of Klein's plain text; and a path that starts with
+    C{//} is not found, where Klein, which joins the path's segments, would
+    serve C{//health} as C{/health}.
     """
 
     def render(self, request):
+        if request.method not in KNOWN_METHODS:
+            method = request.method.decode("latin-1")[:32]
+            return json_body(request, {"error": f"method {method} is not implemented"}, 501)
         try:
             request.getRequestHostname().decode("utf-8")
             b"/".join(request.prepath + request.postpath).decode("utf-8")
