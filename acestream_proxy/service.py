@@ -78,6 +78,7 @@ def make_store(config: Config, reactor, worker_id: str):
         chunk_ttl=tuning.chunk_ttl,
         ghost_client_timeout=tuning.ghost_client_timeout,
         owner_lease=tuning.owner_lease,
+        worker_timeout=tuning.worker_timeout,
     )
 
 

@@ -15,6 +15,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
 from acestream_proxy.store import keys as redis_keys
+from acestream_proxy.store.redis import RedisStore
 from acestream_proxy.stream.mpegts import PACKET_SIZE
 
 from .test_end_to_end import get_json, spawn  # noqa: F401 (spawn: fixture)
@@ -91,3 +92,54 @@ async def _until(predicate, seconds: float) -> None:
             return
         await deferLater(reactor, 0.05, lambda: None)
     raise AssertionError(f"not within {seconds}s")
+
+
+async def started_store(url: str, worker_id: str) -> RedisStore:
+    store = RedisStore(
+        url=url,
+        reactor=reactor,
+        worker_id=worker_id,
+        buffer_chunks=10,
+        chunk_ttl=60,
+        ghost_client_timeout=50,
+        owner_lease=15,
+        worker_timeout=3,
+    )
+    store.startService()
+    await store.get_owner(KEY)
+    return store
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lease_goes_to_another_worker_only_once_its_holder_is_known_dead(redis_server):
+    """
+    Taking a lease says its holder runs, in the same script; another worker
+    may take it over only once that liveness key has expired, and not
+    while the holder keeps it alive.
+    """
+    client = redis_server.client()
+    a = await started_store(redis_server.url, "worker-a")
+    b = await started_store(redis_server.url, "worker-b")
+    try:
+        assert await a.acquire_owner(KEY)
+        assert client("EXISTS", redis_keys.worker("worker-a")) == 1
+        assert 0 < client("PTTL", redis_keys.worker("worker-a")) <= 3000
+        assert await b.is_alive("worker-a")
+        assert not await b.take_owner_from(KEY, "worker-a")
+        assert await b.get_owner(KEY) == "worker-a"
+
+        client("DEL", redis_keys.worker("worker-a"))  # as if it expired
+        assert not await b.is_alive("worker-a")
+        # Only the lease of the worker named: not one held by someone else.
+        assert not await b.take_owner_from(KEY, "worker-c")
+        assert await b.take_owner_from(KEY, "worker-a")
+        assert await b.get_owner(KEY) == "worker-b"
+        assert client("EXISTS", redis_keys.worker("worker-b")) == 1
+        # The old holder's renewal fails: one owner at a time.
+        assert not await a.renew_owner(KEY)
+
+        await b.mark_gone()
+        assert client("EXISTS", redis_keys.worker("worker-b")) == 0
+    finally:
+        await a.stopService()
+        await b.stopService()

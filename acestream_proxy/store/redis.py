@@ -134,6 +134,7 @@ class RedisStore(Service):
     chunk_ttl: float
     ghost_client_timeout: float
     owner_lease: float
+    worker_timeout: float = 3.0
     op_timeout: float = 5.0
     buffer: RedisRingBuffer = attrs.field(init=False)
     address: RedisAddress = attrs.field(init=False)
@@ -250,18 +251,16 @@ class RedisStore(Service):
 
     def acquire_owner(self, key: str) -> Deferred[bool]:
         """
-        Take the stream's owner lease if nobody holds it.
+        Take the stream's owner lease if nobody holds it, and say that this
+        worker runs.
         """
-        d = self._call(
-            "SET",
-            keys.owner(key),
-            self.worker_id,
-            "NX",
-            "PX",
-            int(self.owner_lease * 1000),
+        d = self._script(
+            scripts.ACQUIRE,
+            [keys.owner(key), keys.worker(self.worker_id)],
+            [self.worker_id, int(self.owner_lease * 1000), int(self.worker_timeout * 1000)],
             data=True,
         )
-        return d.addCallback(lambda reply: reply is not None)
+        return d.addCallback(lambda reply: int(reply) == 1)
 
     def renew_owner(self, key: str) -> Deferred[bool]:
         """
@@ -296,8 +295,13 @@ class RedisStore(Service):
         """
         d = self._script(
             scripts.TAKE_FROM_DEAD,
-            [keys.owner(key), keys.worker(worker_id)],
-            [worker_id, self.worker_id, int(self.owner_lease * 1000)],
+            [keys.owner(key), keys.worker(worker_id), keys.worker(self.worker_id)],
+            [
+                worker_id,
+                self.worker_id,
+                int(self.owner_lease * 1000),
+                int(self.worker_timeout * 1000),
+            ],
             data=True,
         )
         return d.addCallback(lambda reply: int(reply) == 1)

@@ -125,11 +125,23 @@ return 0
 
 # The lease of a worker whose liveness key expired (it died, or lost Redis)
 # goes to ARGV[2] at once, if it is still the dead worker's: a follower need
-# not wait out a whole lease to take the stream over.  KEYS: owner, the dead
-# worker's liveness key.
+# not wait out a whole lease to take the stream over.  Like ACQUIRE, it says
+# that the new owner runs.  KEYS: owner, the dead worker's liveness key, the
+# new owner's.  ARGV: dead worker id, new owner id, lease ms, liveness ms.
 TAKE_FROM_DEAD = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[4])
+return 1
+"""
+
+# Taking a free lease also says, in the same step, that its new owner runs:
+# a worker that takes a stream (after Redis lost every key, say) must not
+# look dead to the followers for a moment.  KEYS: owner, the worker's
+# liveness key.  ARGV: worker id, lease ms, liveness ms.
+ACQUIRE = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
 return 1
 """
