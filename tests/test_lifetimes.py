@@ -17,8 +17,9 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 
 from acestream_proxy.background import QUIET, Tasks, periodic
-from acestream_proxy.config import Tuning
+from acestream_proxy.config import Config, Tuning
 from acestream_proxy.engine.registry import Engine, EngineRegistry
+from acestream_proxy.service import make_store
 from acestream_proxy.store.memory import MemoryStore
 from acestream_proxy.store.redis import RedisStore
 from acestream_proxy.stream.registry import StreamRegistry
@@ -35,15 +36,7 @@ async def registry_on(store_url, clock, **tuning):
     if store_url is None:
         store = _WrappableStore(clock, tuning.buffer_chunks, tuning.chunk_ttl, "worker-1")
     else:
-        store = RedisStore(
-            url=store_url,
-            reactor=reactor,
-            worker_id="worker-1",
-            buffer_chunks=tuning.buffer_chunks,
-            chunk_ttl=tuning.chunk_ttl,
-            ghost_client_timeout=tuning.ghost_client_timeout,
-            owner_lease=tuning.owner_lease,
-        )
+        store = make_store(Config(redis=store_url, tuning=tuning), reactor, "worker-1")
         store.startService()
         await _until_available(store)
     registry = StreamRegistry(store, engines, api, clock, tuning, "worker-1")

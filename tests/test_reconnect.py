@@ -26,11 +26,11 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from acestream_proxy.config import Tuning
+from acestream_proxy.config import Config, Tuning
 from acestream_proxy.engine.registry import Engine
 from acestream_proxy.errors import EngineError
 from acestream_proxy.http import views
-from acestream_proxy.store.redis import RedisStore
+from acestream_proxy.service import make_store
 from acestream_proxy.stream.health import (
     BACKOFF_BASE,
     BACKOFF_CAP,
@@ -393,16 +393,7 @@ async def clocked_server(store_url, clock, api, **tuning):
     """
     store = None
     if store_url is not None:
-        settings = Tuning(**tuning)
-        store = RedisStore(
-            url=store_url,
-            reactor=reactor,
-            worker_id="worker-1",
-            buffer_chunks=settings.buffer_chunks,
-            chunk_ttl=settings.chunk_ttl,
-            ghost_client_timeout=settings.ghost_client_timeout,
-            owner_lease=settings.owner_lease,
-        )
+        store = make_store(Config(redis=store_url, tuning=Tuning(**tuning)), reactor, "worker-1")
         store.startService()
         # Both of its connection pools, up.
         await store.get_owner(KEY)

@@ -14,6 +14,8 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
+from acestream_proxy.config import Config
+from acestream_proxy.service import make_store
 from acestream_proxy.store import keys as redis_keys
 from acestream_proxy.store.redis import RedisStore
 from acestream_proxy.stream.mpegts import PACKET_SIZE
@@ -95,16 +97,7 @@ async def _until(predicate, seconds: float) -> None:
 
 
 async def started_store(url: str, worker_id: str) -> RedisStore:
-    store = RedisStore(
-        url=url,
-        reactor=reactor,
-        worker_id=worker_id,
-        buffer_chunks=10,
-        chunk_ttl=60,
-        ghost_client_timeout=50,
-        owner_lease=15,
-        worker_timeout=3,
-    )
+    store = make_store(Config(redis=url), reactor, worker_id)
     store.startService()
     await store.get_owner(KEY)
     return store
