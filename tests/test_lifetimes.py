@@ -102,7 +102,10 @@ async def shut_down(clock, registry, store) -> None:
             player.request.transport.registerProducer(player, True)
     finished = []
     registry.stopService().addBoth(finished.append)
-    for _ in range(int(SHUTDOWN_DRAIN / 0.02) + 100):
+    # The turns beyond the drain are for the store's I/O: a Redis round trip
+    # is some twenty turns, and a busy machine can stall Redis for a few
+    # milliseconds, hundreds of turns.
+    for _ in range(int(SHUTDOWN_DRAIN / 0.02) + 2000):
         if finished:
             break
         clock.advance(0.02)
