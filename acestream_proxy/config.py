@@ -15,14 +15,18 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import attrs
 from twisted.internet.endpoints import serverFromString
 
 _DEFAULT_PORTS = MappingProxyType({"http": 80, "https": 443})
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-REDIS_SHAPE = "redis://host[:port][/db] or unix:///path[?db=N]"
+REDIS_SHAPE = (
+    "redis://[[user]:password@]host[:port][/db],"
+    " rediss://[[user]:password@]host[:port][/db][?ssl_ca_certs=PATH]"
+    " or unix:///path[?db=N]"
+)
 # Counts for which zero is meaningful: start at the live edge, never reconnect,
 # no limit per client address (behind a reverse proxy on another machine,
 # every client has its address).
@@ -323,31 +327,78 @@ def _normalise_engine_url(url: str) -> str | None:
 
 
 def _redis_url(value: Any) -> str:
-    """Check the shape only; whether the store answers is found out at startup."""
+    """
+    Check the shape only; whether the store answers is found out at startup.
+    A URL refused is shown without its password.
+    """
     if (
         isinstance(value, str)
         and _is_plain(value)
         and (_is_tcp_redis(value) or _is_unix_redis(value))
     ):
         return value
+    if isinstance(value, str):
+        value = _without_password(value)
     raise ConfigError(f"redis: expected {REDIS_SHAPE}, got {_show(value)}")
 
 
 def _is_tcp_redis(url: str) -> bool:
+    """
+    C{redis://} or C{rediss://} (TLS), with a host, an optional user name
+    and password (a user part with no colon is the password: Redis cannot
+    log in with a user name alone), and for TLS only, the certificate
+    authorities to trust in C{ssl_ca_certs}.
+    """
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
         return False
     return (
-        parts.scheme == "redis"
+        parts.scheme in ("redis", "rediss")
         and bool(parts.hostname)
-        and parts.username is None
+        and _redis_credentials_ok(parts.netloc)
         and port != 0
         and re.fullmatch(r"(/[0-9]*)?", parts.path) is not None
-        and "?" not in url
+        and _redis_query_ok(url, parts)
         and "#" not in url
     )
+
+
+def _redis_credentials_ok(netloc: str) -> bool:
+    """
+    No user part, or a non-empty password (after the colon, if any).
+    """
+    if "@" not in netloc:
+        return True
+    userinfo = netloc.rpartition("@")[0]
+    return bool(userinfo.partition(":")[2] if ":" in userinfo else userinfo)
+
+
+def _redis_query_ok(url: str, parts) -> bool:
+    if "?" not in url:
+        return True
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    return (
+        parts.scheme == "rediss"
+        and [name for name, _ in query] == ["ssl_ca_certs"]
+        and all(path for _, path in query)
+    )
+
+
+def _without_password(url: str) -> str:
+    """
+    C{url} with whatever stands between C{://} and the last C{@} hidden but
+    for a user name, so that an error never shows a password, however
+    malformed the URL around it.
+    """
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, after = (rest if sep else url).rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:***" if colon and "/" not in user else "***"
+    return f"{scheme}{sep}{shown}@{after}" if sep else f"{shown}@{after}"
 
 
 def _is_unix_redis(url: str) -> bool:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from twisted.python import usage
 
 from acestream_proxy.config import (
+    REDIS_SHAPE,
     Config,
     ConfigError,
     EngineConfig,
@@ -364,6 +365,10 @@ def test_unknown_override_rejected():
         "redis://localhost:6379/0",
         "redis://10.0.0.5/15",
         "redis://[::1]:6379/1",
+        "redis://user:pw@localhost:6379/0",
+        "redis://:pw@localhost",
+        "rediss://localhost:6379",
+        "rediss://:pw@localhost/1?ssl_ca_certs=/etc/redis/ca.pem",
         "unix:///run/redis/redis.sock",
         "unix:///run/redis/redis.sock?db=3",
     ],
@@ -378,7 +383,6 @@ def test_good_redis_urls(url):
         "",
         "localhost:6379",
         "http://localhost:6379",
-        "rediss://localhost:6379",
         "redis://",
         "redis://:6379/0",
         "redis://localhost:port",
@@ -386,7 +390,6 @@ def test_good_redis_urls(url):
         "redis://localhost:6379/0/1",
         "redis://localhost:6379/0?timeout=1",
         "redis://localhost/0#x",
-        "redis://user:pw@localhost:6379/0",
         "redis://local host",
         "unix://relative/redis.sock",
         "unix:///",
@@ -401,8 +404,7 @@ def test_bad_redis_urls(url):
     message = error_of({"redis": url})
     shown = json.dumps(url) if isinstance(url, str) else repr(url)
     assert message == (
-        "redis: expected redis://host[:port][/db] or unix:///path[?db=N],"
-        f" got {shown}"
+        f"redis: expected {REDIS_SHAPE}, got {shown}"
     )
     assert_one_line(message)
 

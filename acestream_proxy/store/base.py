@@ -17,6 +17,10 @@ from ..errors import Unavailable
 
 Fields = Mapping[str, Any]
 
+#: Retry-After (seconds) for a player refused because the store cannot
+#: serve: its connections come back within a couple of seconds of Redis.
+RETRY_AFTER = 5
+
 
 class Store(Protocol):
     """
@@ -146,8 +150,22 @@ class Store(Protocol):
         Undo L{listen}.
         """
 
-    #: Whether the store can be reached now.
+    #: Whether the store can serve now.
     available: bool
+
+    def when_available(self, within: float) -> Deferred[bool]:
+        """
+        Fire with whether the store can serve: at once if it can, or if it
+        surely cannot soon (nothing is under way to bring it back); else as
+        soon as it can, or with false after C{within} seconds.
+        """
+
+    def forget_stream_when_back(self, key: str, session_id: str | None) -> None:
+        """
+        Stream C{key} (its engine session C{session_id}) ended while the
+        store could not serve: delete its keys once it can, unless the
+        stream is someone else's by then.
+        """
 
 
 @attrs.define

@@ -11,6 +11,9 @@ schema, under the C{ace_proxy:} prefix):
     ace_proxy:stream:{KEY}:last_client_disconnect_time
     ace_proxy:events:{KEY}                           pub/sub channel
     ace_proxy:worker:{WORKER_ID}                     a worker's liveness (expires)
+
+and one key no one ever sees: ace_proxy:probe:{WORKER_ID}, which a script
+sets and deletes at once to learn whether Redis takes writes again.
 """
 
 PREFIX = "ace_proxy"
@@ -67,6 +70,10 @@ def last_client_disconnect_time(key: str) -> str:
 
 def events(key: str) -> str:
     return f"{PREFIX}:events:{key}"
+
+
+def probe(worker_id: str) -> str:
+    return f"{PREFIX}:probe:{worker_id}"
 
 
 def key_of(name: str) -> str:

@@ -136,6 +136,15 @@ class MemoryStore:
     def list_streams(self) -> Deferred[list[dict]]:
         return succeed([dict(stream) for stream in self._streams.values()])
 
+    def when_available(self, within: float) -> Deferred[bool]:
+        return succeed(True)
+
+    def forget_stream_when_back(self, key: str, session_id: str | None) -> None:
+        """
+        Never called (this store is always available); deletes at once.
+        """
+        self.delete_stream(key)
+
     def delete_stream(self, key: str) -> Deferred[None]:
         if self._owners.get(key) == self.worker_id:
             del self._owners[key]

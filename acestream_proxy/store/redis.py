@@ -9,25 +9,33 @@ Lua script, so it costs one round trip and cannot be seen half done.  Every
 key of a stream expires unless its owner keeps renewing it, so a stream whose
 workers all died leaves nothing behind.
 
-Connections are made through endpoints of the reactor the store is given, and
-operations and replies time out on its clock, as everywhere else in the proxy;
-only what txredisapi keeps to itself (the back-off between reconnection
-attempts, and a turn of the reactor before a new connection joins its pool)
-still runs on the global reactor.
+Connections are made through endpoints of the reactor the store is given,
+kept up (whatever happened to them) by services on it, and operations and
+replies time out on its clock, as everywhere else in the proxy.  Whether the
+store can serve now, and the logging of its outages, is its L{Availability}.
 """
 
 import json
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.logger import Logger
 
 from ..constants import Event, Meta
 from ..errors import Unavailable
 from . import keys, scripts
-from .base import Fields, Listeners, NotOwner, _plain
-from .connection import PoolFactory, RedisAddress, SubscriberFactory, text, unavailable
+from .availability import Availability
+from .base import RETRY_AFTER, Fields, Listeners, NotOwner, _plain
+from .connection import (
+    PoolFactory,
+    RedisAddress,
+    SubscriberFactory,
+    reason,
+    refusal,
+    text,
+    unavailable,
+)
 
 
 def _pairs(flat: list) -> dict:
@@ -118,6 +126,8 @@ class RedisStore(Service):
     L{Store} on Redis, with the owner lease and the event channel that
     several workers need.
 
+    @ivar url: where Redis is; it may hold a password, so it is left out of
+        the repr.
     @ivar reactor: makes the connections to Redis and times their
         operations out.
     @ivar stream_ttl_ms: how long a stream's keys live without their owner
@@ -127,7 +137,7 @@ class RedisStore(Service):
     kind = "redis"
     log = Logger()
 
-    url: str
+    url: str = attrs.field(repr=False)
     reactor: object
     worker_id: str
     buffer_chunks: int
@@ -142,6 +152,10 @@ class RedisStore(Service):
     _data: PoolFactory | None = attrs.field(default=None, init=False)
     _subscriber: SubscriberFactory | None = attrs.field(default=None, init=False)
     _listeners: Listeners = attrs.field(factory=Listeners, init=False)
+    _availability: Availability | None = attrs.field(default=None, init=False)
+    #: Streams ended while Redis could not be reached, whose keys are to be
+    #: deleted once it is back: key -> (ended session id, when it ended).
+    _ended: dict = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.buffer = RedisRingBuffer(self)
@@ -154,27 +168,40 @@ class RedisStore(Service):
     # Connections
 
     def startService(self) -> None:
-        super().startService()
         # Chunks and the owner lease get a connection of their own: a burst
         # of client bookkeeping (hundreds of players joining or leaving) must
         # not delay the owner's appends, or the engine's reader would be
         # paused.
-        self._pool = self._connect(PoolFactory(self.reactor, self.address, 2, self.op_timeout))
-        self._data = self._connect(PoolFactory(self.reactor, self.address, 1, self.op_timeout))
-        self._subscriber = self._connect(SubscriberFactory(self))
+        endpoint = self.address.endpoint(self.reactor, timeout=self.op_timeout)
+        super().startService()
+        self._pool = PoolFactory(self.reactor, self.address, 2, self.op_timeout)
+        self._data = PoolFactory(self.reactor, self.address, 1, self.op_timeout)
+        self._subscriber = SubscriberFactory(self, self.op_timeout)
+        self._availability = Availability(
+            self.log,
+            self.reactor,
+            self.address.describe(),
+            (self._pool, self._data),
+            probe=self._probe,
+            back=self._back,
+        )
         self.log.info("using Redis at {where}", where=self.address.describe())
-
-    def _connect(self, factory):
-        """
-        Start C{factory}'s connections through an endpoint of our reactor
-        (txredisapi's own connection functions use the global one); it keeps
-        them up, reconnecting, until it is disconnected.
-        """
-        factory.startConnecting(self.address.endpoint(self.reactor, timeout=self.op_timeout))
-        return factory
+        for factory in (self._pool, self._data, self._subscriber):
+            factory.on_change = self._availability.changed
+            factory.on_failure = self._availability.failed
+            # Connections are made through an endpoint of our reactor, and
+            # kept up until the factory is disconnected.
+            factory.startConnecting(endpoint)
 
     def stopService(self):
+        """
+        Close the connections; streams that ended while Redis could not be
+        reached leave their keys to expire.
+        """
         super().stopService()
+        if self._availability is not None:
+            self._availability.stop()
+        self._ended.clear()
         closing = [
             factory.disconnect()
             for factory in (self._pool, self._data, self._subscriber)
@@ -186,9 +213,23 @@ class RedisStore(Service):
     @property
     def available(self) -> bool:
         """
-        Whether the connections to Redis are up now.
+        Whether Redis can serve now: both pools have a connection, and it
+        does not refuse commands.
         """
-        return all(factory is not None and factory.size > 0 for factory in (self._pool, self._data))
+        return self._availability is not None and self._availability.available
+
+    def when_available(self, within: float) -> Deferred[bool]:
+        """
+        Fire with true as soon as Redis can serve, having hurried the
+        connections being made; with false at once if no attempt is under
+        way, or after C{within} seconds.
+        """
+        if self._availability is None:
+            return succeed(False)
+        return self._availability.when_available(within)
+
+    def _probe(self) -> Deferred:
+        return self._script(scripts.PROBE, [keys.probe(self.worker_id)], [])
 
     def _call(self, *command, data: bool = False) -> Deferred:
         """
@@ -197,16 +238,32 @@ class RedisStore(Service):
         answered within C{op_timeout}, rather than wait for as long as Redis
         is unreachable.
         """
-        factory = self._data if data else self._pool
-        if factory is None:
-            return fail(Unavailable("the Redis store is not running"))
+        try:
+            factory = self._factory(data)
+        except Unavailable:
+            return fail()
         return self._guard(factory.handler.execute_command(*command))
 
     def _script(self, script: str, names: list, args: list, data: bool = False) -> Deferred:
+        try:
+            factory = self._factory(data)
+        except Unavailable:
+            return fail()
+        return self._guard(factory.handler.eval(script, names, args))
+
+    def _factory(self, data: bool) -> PoolFactory:
+        """
+        The pool for a command.  A command waits (at most C{op_timeout}) for
+        a connection being made; with none, and none being made, it fails at
+        once: a player leaving, say, is not to wait the timeout out for a
+        Redis known to be down.
+        """
         factory = self._data if data else self._pool
         if factory is None:
-            return fail(Unavailable("the Redis store is not running"))
-        return self._guard(factory.handler.eval(script, names, args))
+            raise Unavailable("the Redis store is not running", retry_after=RETRY_AFTER)
+        if factory.size == 0 and not factory.trying:
+            raise Unavailable("the Redis store is unavailable", retry_after=RETRY_AFTER)
+        return factory
 
     def _guard(self, d: Deferred) -> Deferred:
         """
@@ -215,8 +272,16 @@ class RedisStore(Service):
         callers expect and ride out, whether Redis is unreachable, slow, or
         refusing writes for a while (a full memory, a demoted master, a
         dataset loading); any other error reply is a bug, and stays itself.
+        A refusal makes the store unavailable until Redis serves again.
         """
-        return d.addTimeout(self.op_timeout, self.reactor).addErrback(unavailable)
+
+        def failed(failure):
+            refused = refusal(failure)
+            if refused is not None and self._availability is not None:
+                self._availability.refused(refused)
+            return unavailable(failure)
+
+        return d.addTimeout(self.op_timeout, self.reactor).addErrback(failed)
 
     # Events
 
@@ -366,6 +431,71 @@ class RedisStore(Service):
             if meta is not None:
                 streams.append(meta)
         return streams
+
+    def forget_stream_when_back(self, key: str, session_id: str | None) -> None:
+        """
+        The stream ended while Redis could not be reached: delete its keys
+        (and tell the other workers it stopped) once Redis is back, unless
+        another worker took it, or another session of it began, meanwhile.
+        Keys that outlive the store's stopping, or the keys' own time to
+        live, expire.
+        """
+        self._ended[key] = (session_id or "", self.reactor.seconds())
+        if self.available:
+            self._back()
+
+    def _back(self) -> None:
+        """
+        Redis serves again: delete the keys of the streams that ended
+        meanwhile; a failure leaves them for the next time.
+        """
+        now = self.reactor.seconds()
+        for key, ended in list(self._ended.items()):
+            if now - ended[1] > self.stream_ttl_ms / 1000:
+                # Expired by now.
+                del self._ended[key]
+            else:
+                self._forget(key, ended)
+
+    def _forget(self, key: str, ended: tuple) -> None:
+        def done(_):
+            if self._ended.get(key) == ended:
+                del self._ended[key]
+
+        def failed(failure):
+            self.log.warn(
+                "stream {key}: could not delete its keys: {why}", key=key, why=reason(failure)
+            )
+
+        self._delete_ended(key, ended[0]).addCallbacks(done, failed)
+
+    def _delete_ended(self, key: str, session_id: str) -> Deferred[bool]:
+        message = json.dumps(
+            {
+                "event": Event.STREAM_STOPPING.value,
+                "worker_id": self.worker_id,
+                "ts": self.reactor.seconds(),
+            }
+        )
+        return self._script(
+            scripts.DELETE_ENDED,
+            [
+                keys.buffer_index(key),
+                keys.owner(key),
+                keys.metadata(key),
+                keys.clients(key),
+                keys.last_client_disconnect_time(key),
+                keys.events(key),
+            ],
+            [
+                keys.buffer_chunk_prefix(key),
+                self.buffer_chunks,
+                keys.client_prefix(key),
+                self.worker_id,
+                session_id,
+                message,
+            ],
+        ).addCallback(lambda reply: int(reply) == 1)
 
     def delete_stream(self, key: str) -> Deferred[None]:
         return self._script(

@@ -145,3 +145,35 @@ if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 en
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
 return 1
 """
+
+# The keys of a stream that ended while Redis could not be reached, deleted
+# once it is back: only if no other worker has taken the lease and no other
+# session of the stream has been recorded meanwhile (ARGV[5]: the ended
+# session's id, "" if it had none).  Those who listen are told it stopped
+# (ARGV[6], the message), as an owner ending a stream tells them.
+DELETE_ENDED = (
+    """
+local owner = redis.call('GET', KEYS[2])
+if owner and owner ~= ARGV[4] then return 0 end
+local session = redis.call('HGET', KEYS[3], 'playback_session_id')
+if session and session ~= ARGV[5] then return 0 end
+"""
+    + DELETE_CHUNKS
+    + """
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+  redis.call('DEL', ARGV[3] .. id)
+end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('PUBLISH', KEYS[6], ARGV[6])
+return 1
+"""
+)
+
+# A write of the kind a Redis that cannot serve refuses (SET, which a full
+# memory refuses as well as a replica), undone at once: whether Redis serves
+# again.
+PROBE = """
+redis.call('SET', KEYS[1], '1', 'PX', 1000)
+redis.call('DEL', KEYS[1])
+return 1
+"""

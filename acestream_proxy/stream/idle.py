@@ -3,6 +3,11 @@ Ending a stream nobody watches: C{cleanup_grace} seconds after the last
 player left every worker, the owner stops the stream (and its engine
 session); a follower stops following once it has had no player of its own
 for the grace.
+
+While the store cannot serve, no worker can tell another that its players
+left, nor count them: each counts the grace from what it sees itself, so
+that a stream whose players all left during an outage still ends, and its
+engine session with it, rather than play to nobody until the store is back.
 """
 
 import attrs
@@ -53,12 +58,28 @@ class IdleCheck:
         self._call = None
         return True
 
+    def store_down(self) -> None:
+        """
+        The store cannot serve (the lease timer says so while it lasts): a
+        player who left meanwhile could not be counted out, so with nobody
+        here the grace starts here.
+        """
+        if not self.stream.players:
+            self.nobody_here(nobody_anywhere=False)
+
     def _grace_over(self) -> None:
         self._call = None
         stream = self.stream
         if stream.role is Role.FOLLOWER:
             if not stream.players and stream.live:
                 stream.stop("no players here")
+            return
+        if not stream.store.available:
+            # Followers get no chunks from a store that is down: this
+            # worker's players are the stream's only ones, and there were
+            # none for the grace.
+            if not stream.players and stream.live:
+                stream.stop("no players here while the store is down")
             return
         self.check()
 

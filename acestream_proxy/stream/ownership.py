@@ -81,10 +81,18 @@ class Ownership:
         does not let another worker take the stream too.  Follower: take
         the stream over when its owner is gone.  While the store is down
         nothing is asked of it: the owner goes on serving its own players,
-        and the lease is settled when it is back.
+        and the lease is settled when it is back; with no player left here,
+        the grace runs here.
         """
         stream = self.stream
-        if stream.stopping or not stream.store.available:
+        if stream.stopping:
+            return
+        if not stream.store.available:
+            if stream.role is Role.OWNER:
+                # Chunks held for a renewal that cannot come (the lease went
+                # unsure before the store was known down) go to the players.
+                stream.source.writer.flush()
+            stream.idle.store_down()
             return
         if stream.role is Role.FOLLOWER:
             if not stream.starting and await stream.lease.take_if_orphaned():
@@ -179,8 +187,8 @@ class Ownership:
     async def end(self) -> None:
         """
         Tell the other workers, delete the keys, stop the engine session.
-        With Redis down the keys are left to expire rather than have the
-        engine wait for the store's timeout.
+        With Redis down the engine is not kept waiting for the store's
+        timeout: the store deletes the keys once it is back.
         """
         stream = self.stream
         try:
@@ -189,7 +197,14 @@ class Ownership:
             await stream.store.publish(stream.key, Event.STREAM_STOPPING.value)
             await stream.store.delete_stream(stream.key)
         except Unavailable:
-            self.log.warn("stream {key}: could not delete its keys, Redis is down", key=stream.key)
+            self.log.warn(
+                "stream {key}: Redis is down; its keys are deleted when it is back",
+                key=stream.key,
+            )
+            playback = stream.source.playback
+            stream.store.forget_stream_when_back(
+                stream.key, playback.playback_session_id if playback is not None else None
+            )
         except Exception:
             self.log.failure("stream {key}: could not delete its keys", key=stream.key)
         await stream.source.stop_engine()

@@ -19,7 +19,7 @@ from ..constants import ACTIVE_STATES, Event, Meta, PlayerField, Role
 from ..engine.api import EngineAPI
 from ..engine.registry import Engine, EngineRegistry
 from ..errors import NoEngine, NotFound, Unavailable
-from ..store.base import Store
+from ..store.base import RETRY_AFTER, Store
 from .heartbeat import PlayerHeartbeats
 from .player import PlayerInfo
 from .stream import Stream
@@ -32,6 +32,10 @@ LIMIT_RETRY_AFTER = 10
 
 #: Retry-After (seconds) while shutting down: a restart is usually quick.
 SHUTDOWN_RETRY_AFTER = 5
+
+#: Seconds a new player waits for a store whose connection is being made;
+#: one that is down refuses it at once.
+STORE_WAIT = 0.75
 
 
 @attrs.define(eq=False)
@@ -83,6 +87,12 @@ class StreamRegistry(MultiService):
         """
         if not self.accepting:
             raise Unavailable("the proxy is shutting down", retry_after=SHUTDOWN_RETRY_AFTER)
+        # The player could not be registered, nor a stream started: refuse it
+        # now rather than after the store's command timeout.
+        if not self.store.available and not await self.store.when_available(STORE_WAIT):
+            raise Unavailable(
+                f"the {self.store.kind} store is unavailable", retry_after=RETRY_AFTER
+            )
         self._check_max_clients()
         stream = self.streams.get(key)
         if stream is None:
