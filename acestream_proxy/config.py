@@ -134,7 +134,8 @@ class Config:
     """
 
     listen: str = "tcp:8000"
-    redis: str | None = None
+    # Not in the repr: the URL may carry Redis' password.
+    redis: str | None = attrs.field(default=None, repr=False)
     admin_token: str | None = None
     engines: tuple[EngineConfig, ...] = (
         EngineConfig("127.0.0.1:6878", "http://127.0.0.1:6878"),

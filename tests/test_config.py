@@ -616,3 +616,9 @@ def test_unknown_top_level_key_rejected(valid, key, value):
 @given(key=st.from_regex(r"[A-Za-z0-9_-]+", fullmatch=True).filter(lambda k: k not in KNOWN_KEYS))
 def test_unknown_bare_top_level_key_named_exactly(key):
     assert error_of({key: 1, "listen": "tcp:8000"}) == f"unknown key: {key}"
+
+
+def test_the_redis_password_is_not_in_the_config_repr():
+    config = build({"redis": "redis://:hunter2-secret@127.0.0.1:6379/0"}, {})
+    assert config.redis == "redis://:hunter2-secret@127.0.0.1:6379/0"
+    assert "hunter2-secret" not in repr(config)
