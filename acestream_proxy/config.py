@@ -7,29 +7,26 @@ the offending key, because twistd shows it to the operator verbatim and a
 traceback or a vague message would send them hunting through the file.
 """
 
-import json
 import math
 import re
-import socket
 import tomllib
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 import attrs
-from twisted.internet.endpoints import serverFromString
+
+from .config_checks import (
+    ConfigError,
+    _check_listen,
+    _is_plain,
+    _redis_url,
+    _show,
+)
 
 _DEFAULT_PORTS = MappingProxyType({"http": 80, "https": 443})
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-REDIS_SHAPE = (
-    "redis://[[user]:password@]host[:port][/db],"
-    " rediss://[[user]:password@]host[:port][/db][?ssl_ca_certs=PATH]"
-    " or unix:///path[?db=N]"
-)
-# Counts for which zero is meaningful: start at the live edge, never reconnect,
-# no limit per client address (behind a reverse proxy on another machine,
-# every client has its address).
 _MAY_BE_ZERO = frozenset(
     {
         "join_chunks",
@@ -38,18 +35,6 @@ _MAY_BE_ZERO = frozenset(
         "max_new_streams_per_address",
     }
 )
-
-
-class ConfigError(Exception):
-    """
-    A configuration mistake, described in one line that names the key.
-
-    Line breaks coming from other libraries' messages are folded, so that the
-    text always fits the single line twistd prints before exiting.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(line.strip() for line in message.splitlines()))
 
 
 @attrs.frozen
@@ -137,9 +122,7 @@ class Config:
     # Not in the repr: the URL may carry Redis' password.
     redis: str | None = attrs.field(default=None, repr=False)
     admin_token: str | None = None
-    engines: tuple[EngineConfig, ...] = (
-        EngineConfig("127.0.0.1:6878", "http://127.0.0.1:6878"),
-    )
+    engines: tuple[EngineConfig, ...] = (EngineConfig("127.0.0.1:6878", "http://127.0.0.1:6878"),)
     tuning: Tuning = Tuning()
 
 
@@ -159,9 +142,7 @@ def load_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {err}") from None
 
 
-def build(
-    file_data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
-) -> Config:
+def build(file_data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Config:
     """
     Validate C{file_data} (as read by L{load_file}) and C{overrides} (from
     the command line) into a L{Config}.
@@ -205,9 +186,7 @@ def engine_from_url(
         raise ConfigError(f"{key}: expected a string, got {_show(url)}")
     normal = _normalise_engine_url(url)
     if normal is None:
-        raise ConfigError(
-            f"{key}: not an http(s) URL with host and port: {_show(url)}"
-        )
+        raise ConfigError(f"{key}: not an http(s) URL with host and port: {_show(url)}")
     return EngineConfig(
         id=normal.split("://", 1)[1] if id is None else id,
         url=normal,
@@ -236,16 +215,6 @@ def _key(name: str) -> str:
     return name if _BARE_KEY.fullmatch(name) else _show(name)
 
 
-def _show(value: Any) -> str:
-    """A value as it could appear in TOML, escaped to stay on one line."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        text = json.dumps(value, ensure_ascii=False)
-        return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
-    return repr(value)
-
-
 def _non_empty_string(value: Any, key: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{key}: expected a non-empty string, got {_show(value)}")
@@ -260,9 +229,7 @@ def _table(value: Any, key: str) -> Mapping[str, Any]:
 
 def _file_engines(value: Any) -> tuple[EngineConfig, ...]:
     if not isinstance(value, list):
-        raise ConfigError(
-            f"engines: expected an array of tables ([[engines]]), got {_show(value)}"
-        )
+        raise ConfigError(f"engines: expected an array of tables ([[engines]]), got {_show(value)}")
     return tuple(_file_engine(item, f"engines[{i}]") for i, item in enumerate(value))
 
 
@@ -273,15 +240,11 @@ def _file_engine(value: Any, key: str) -> EngineConfig:
         raise ConfigError(f"{key}.url: missing")
     forwarded = table.get("forwarded", False)
     if not isinstance(forwarded, bool):
-        raise ConfigError(
-            f"{key}.forwarded: expected true or false, got {_show(forwarded)}"
-        )
+        raise ConfigError(f"{key}.forwarded: expected true or false, got {_show(forwarded)}")
     engine_id = table.get("id")
     if engine_id is not None:
         _non_empty_string(engine_id, f"{key}.id")
-    return engine_from_url(
-        table["url"], forwarded=forwarded, id=engine_id, key=f"{key}.url"
-    )
+    return engine_from_url(table["url"], forwarded=forwarded, id=engine_id, key=f"{key}.url")
 
 
 def _check_engine_ids(engines: Sequence[EngineConfig]) -> None:
@@ -325,93 +288,6 @@ def _normalise_engine_url(url: str) -> str | None:
         return None
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return f"{scheme}://{host}:{port or _DEFAULT_PORTS[scheme]}"
-
-
-def _redis_url(value: Any) -> str:
-    """
-    Check the shape only; whether the store answers is found out at startup.
-    A URL refused is shown without its password.
-    """
-    if (
-        isinstance(value, str)
-        and _is_plain(value)
-        and (_is_tcp_redis(value) or _is_unix_redis(value))
-    ):
-        return value
-    if isinstance(value, str):
-        value = _without_password(value)
-    raise ConfigError(f"redis: expected {REDIS_SHAPE}, got {_show(value)}")
-
-
-def _is_tcp_redis(url: str) -> bool:
-    """
-    C{redis://} or C{rediss://} (TLS), with a host, an optional user name
-    and password (a user part with no colon is the password: Redis cannot
-    log in with a user name alone), and for TLS only, the certificate
-    authorities to trust in C{ssl_ca_certs}.
-    """
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return False
-    return (
-        parts.scheme in ("redis", "rediss")
-        and bool(parts.hostname)
-        and _redis_credentials_ok(parts.netloc)
-        and port != 0
-        and re.fullmatch(r"(/[0-9]*)?", parts.path) is not None
-        and _redis_query_ok(url, parts)
-        and "#" not in url
-    )
-
-
-def _redis_credentials_ok(netloc: str) -> bool:
-    """
-    No user part, or a non-empty password (after the colon, if any).
-    """
-    if "@" not in netloc:
-        return True
-    userinfo = netloc.rpartition("@")[0]
-    return bool(userinfo.partition(":")[2] if ":" in userinfo else userinfo)
-
-
-def _redis_query_ok(url: str, parts) -> bool:
-    if "?" not in url:
-        return True
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    return (
-        parts.scheme == "rediss"
-        and [name for name, _ in query] == ["ssl_ca_certs"]
-        and all(path for _, path in query)
-    )
-
-
-def _without_password(url: str) -> str:
-    """
-    C{url} with whatever stands between C{://} and the last C{@} hidden but
-    for a user name, so that an error never shows a password, however
-    malformed the URL around it.
-    """
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, after = (rest if sep else url).rpartition("@")
-    if not at:
-        return url
-    user, colon, _ = userinfo.partition(":")
-    shown = f"{user}:***" if colon and "/" not in user else "***"
-    return f"{scheme}{sep}{shown}@{after}" if sep else f"{shown}@{after}"
-
-
-def _is_unix_redis(url: str) -> bool:
-    return re.fullmatch(r"unix://(/[^?#]*[^/?#])(\?db=[0-9]+)?", url) is not None
-
-
-def _is_plain(url: str) -> bool:
-    """
-    No spaces or control characters, which L{urlsplit} would quietly strip
-    and thereby accept a URL other than the one written.
-    """
-    return not any(c.isspace() or not c.isprintable() for c in url)
 
 
 def _tuning(value: Any) -> Tuning:
@@ -458,43 +334,3 @@ def _tuning_number(value: Any, field: attrs.Attribute) -> float | int:
     ):
         raise ConfigError(f"{key}: expected a positive number, got {_show(value)}")
     return float(value)
-
-
-def _check_listen(listen: str) -> None:
-    """
-    Parse the endpoint description now (parsing does not listen) so that a
-    typo is reported at startup with the key's name.
-
-    A C{systemd:} endpoint only resolves under socket activation, so only
-    its arguments are checked; the descriptor is looked up when listening.
-    (Asking L{twisted.python.systemd.ListenFDs} here is no option: reading
-    the environment consumes it.)
-    """
-    if listen.split(":", 1)[0].lower() == "systemd":
-        _check_systemd_listen(listen)
-        return
-    from twisted.internet import reactor
-
-    try:
-        serverFromString(reactor, listen)
-    except Exception as err:
-        raise ConfigError(
-            f"listen: not a valid endpoint description: {_show(listen)} ({err})"
-        ) from None
-
-
-def _check_systemd_listen(listen: str) -> None:
-    arguments = dict(field.partition("=")[::2] for field in listen.split(":")[1:])
-    problem = None
-    if not hasattr(socket, f"AF_{arguments.get('domain')}"):
-        problem = "domain must name an address family, e.g. domain=INET"
-    elif ("index" in arguments) == ("name" in arguments):
-        problem = "give exactly one of index=N and name=NAME"
-    elif "index" in arguments and not arguments["index"].isdecimal():
-        problem = "index must be a non-negative integer"
-    elif set(arguments) - {"domain", "index", "name"}:
-        problem = "only domain, index and name are accepted"
-    if problem:
-        raise ConfigError(
-            f"listen: not a valid endpoint description: {_show(listen)} ({problem})"
-        )

@@ -5,7 +5,8 @@ validated into a L{Config} before anything starts.
 
 from twisted.python import usage
 
-from .config import REDIS_SHAPE, ConfigError, build, engine_from_url, load_file
+from .config import build, engine_from_url, load_file
+from .config_checks import REDIS_SHAPE, ConfigError
 
 
 class Options(usage.Options):

@@ -15,15 +15,14 @@ from hypothesis import strategies as st
 from twisted.python import usage
 
 from acestream_proxy.config import (
-    REDIS_SHAPE,
     Config,
-    ConfigError,
     EngineConfig,
     Tuning,
     build,
     engine_from_url,
     load_file,
 )
+from acestream_proxy.config_checks import REDIS_SHAPE, ConfigError
 from acestream_proxy.options import Options
 
 EXAMPLE = pathlib.Path(__file__).parent.parent / "systemd" / "aceproxy.toml.example"

@@ -31,9 +31,10 @@ from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from acestream_proxy import service as service_module
-from acestream_proxy.config import ConfigError, build
+from acestream_proxy.config import build
+from acestream_proxy.config_checks import ConfigError
 from acestream_proxy.store import keys
-from acestream_proxy.store.connection import RedisAddress
+from acestream_proxy.store.address import RedisAddress
 from acestream_proxy.store.redis import RedisStore
 from acestream_proxy.stream.mpegts import PACKET_SIZE
 

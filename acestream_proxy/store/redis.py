@@ -22,106 +22,27 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.logger import Logger
 
-from ..constants import Event, Meta
+from ..constants import Meta
 from ..errors import Unavailable
 from . import keys, scripts
+from .address import RedisAddress
 from .availability import Availability
-from .base import RETRY_AFTER, Fields, Listeners, NotOwner, _plain
+from .base import RETRY_AFTER, Fields, Listeners, _plain
 from .connection import (
     PoolFactory,
-    RedisAddress,
     SubscriberFactory,
-    reason,
     refusal,
-    text,
     unavailable,
 )
-
-
-def _pairs(flat: list) -> dict:
-    return {text(flat[i]): text(flat[i + 1]) for i in range(0, len(flat), 2)}
-
-
-def _flatten(fields: Fields) -> list:
-    flat = []
-    for name, value in _plain(fields).items():
-        flat += [name, value if isinstance(value, (bytes, str)) else repr(value)]
-    return flat
-
-
-def _appended_index(reply) -> int:
-    index = int(reply)
-    if index < 0:
-        raise NotOwner("this worker does not own the stream")
-    return index
+from .redis_buffer import RedisRingBuffer
+from .redis_ended import EndedStreams
+from .redis_leases import LeaseCommands
+from .redis_players import PlayerCommands
+from .replies import flatten, pairs, text
 
 
 @attrs.define(eq=False)
-class RedisRingBuffer:
-    """
-    The L{RingBuffer} of the Redis store: each chunk a key with its own time
-    to live; appending stores the chunk, advances the index, drops the chunk
-    that left the window and publishes C{chunk_added}, all in one script.
-    """
-
-    store: "RedisStore"
-
-    def append(self, key: str, data) -> Deferred[int]:
-        store = self.store
-        return store._script(
-            scripts.APPEND,
-            [keys.buffer_index(key), keys.events(key), keys.owner(key)],
-            [
-                bytes(data),
-                int(store.chunk_ttl * 1000),
-                store.buffer_chunks,
-                keys.buffer_chunk_prefix(key),
-                Event.CHUNK_ADDED.value,
-                store.stream_ttl_ms,
-                store.worker_id,
-                json.dumps(float(store.reactor.seconds())),
-            ],
-            data=True,
-        ).addCallback(_appended_index)
-
-    def read(self, key: str, start: int, limit: int) -> Deferred[list[tuple[int, bytes]]]:
-        """
-        Up to C{limit} chunks from C{start} on; chunks that left the window or
-        expired are skipped, so a reader that fell behind gets the oldest
-        chunks still there rather than nothing.
-        """
-        store = self.store
-
-        def pairs(flat):
-            return [(int(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
-
-        return store._script(
-            scripts.READ,
-            [keys.buffer_index(key)],
-            [start, limit, store.buffer_chunks, keys.buffer_chunk_prefix(key)],
-            data=True,
-        ).addCallback(pairs)
-
-    def latest(self, key: str) -> Deferred[int]:
-        return self.store._call("GET", keys.buffer_index(key), data=True).addCallback(
-            lambda v: int(v or 0)
-        )
-
-    def delete(self, key: str) -> Deferred[None]:
-        """
-        Forget the chunks and the index only: the stream's metadata and
-        clients are L{RedisStore.delete_stream}'s to remove.
-        """
-        store = self.store
-        return store._script(
-            scripts.DELETE_BUFFER,
-            [keys.buffer_index(key)],
-            [keys.buffer_chunk_prefix(key), store.buffer_chunks],
-        ).addCallback(lambda _: None)
-
-
-@attrs.define(eq=False)
-class RedisStore(Service):
+class RedisStore(LeaseCommands, PlayerCommands, EndedStreams, Service):
     """
     L{Store} on Redis, with the owner lease and the event channel that
     several workers need.
@@ -312,87 +233,6 @@ class RedisStore(Service):
         )
         return self._call("PUBLISH", keys.events(key), message)
 
-    # Ownership
-
-    def acquire_owner(self, key: str) -> Deferred[bool]:
-        """
-        Take the stream's owner lease if nobody holds it, and say that this
-        worker runs.
-        """
-        d = self._script(
-            scripts.ACQUIRE,
-            [keys.owner(key), keys.worker(self.worker_id)],
-            [self.worker_id, int(self.owner_lease * 1000), int(self.worker_timeout * 1000)],
-            data=True,
-        )
-        return d.addCallback(lambda reply: int(reply) == 1)
-
-    def renew_owner(self, key: str) -> Deferred[bool]:
-        """
-        Extend our lease, and the life of the stream's keys; false if the
-        lease is no longer ours.
-        """
-        names = [
-            keys.owner(key),
-            keys.metadata(key),
-            keys.buffer_index(key),
-            keys.clients(key),
-            keys.last_client_disconnect_time(key),
-        ]
-        # On the chunk connection: appends wait for a renewed lease, so a
-        # renewal must not queue behind client bookkeeping.
-        d = self._script(
-            scripts.RENEW,
-            names,
-            [self.worker_id, int(self.owner_lease * 1000), self.stream_ttl_ms],
-            data=True,
-        )
-        return d.addCallback(lambda reply: int(reply) == 1)
-
-    def release_owner(self, key: str) -> Deferred[bool]:
-        d = self._script(scripts.RELEASE, [keys.owner(key)], [self.worker_id], data=True)
-        return d.addCallback(lambda reply: int(reply) == 1)
-
-    def take_owner_from(self, key: str, worker_id: str) -> Deferred[bool]:
-        """
-        Take the lease of C{worker_id}, if it still holds it and its
-        liveness key has expired.
-        """
-        d = self._script(
-            scripts.TAKE_FROM_DEAD,
-            [keys.owner(key), keys.worker(worker_id), keys.worker(self.worker_id)],
-            [
-                worker_id,
-                self.worker_id,
-                int(self.owner_lease * 1000),
-                int(self.worker_timeout * 1000),
-            ],
-            data=True,
-        )
-        return d.addCallback(lambda reply: int(reply) == 1)
-
-    # Workers
-
-    def mark_alive(self, ttl: float) -> Deferred[None]:
-        """
-        Say this worker runs, for C{ttl} seconds.
-        """
-        d = self._call("SET", keys.worker(self.worker_id), "1", "PX", int(ttl * 1000), data=True)
-        return d.addCallback(lambda _: None)
-
-    def mark_gone(self) -> Deferred[None]:
-        return self._call("DEL", keys.worker(self.worker_id), data=True).addCallback(lambda _: None)
-
-    def is_alive(self, worker_id: str) -> Deferred[bool]:
-        return self._call("EXISTS", keys.worker(worker_id), data=True).addCallback(
-            lambda reply: int(reply) == 1
-        )
-
-    def get_owner(self, key: str) -> Deferred[str | None]:
-        return self._call("GET", keys.owner(key), data=True).addCallback(
-            lambda v: text(v) if v is not None else None
-        )
-
     # Streams
 
     def put_stream(self, key: str, fields: Fields) -> Deferred[None]:
@@ -402,12 +242,12 @@ class RedisStore(Service):
         """
         fields = {Meta.KEY.value: key, **_plain(fields)}
         return self._script(
-            scripts.PUT_STREAM, [keys.metadata(key)], [self.stream_ttl_ms, *_flatten(fields)]
+            scripts.PUT_STREAM, [keys.metadata(key)], [self.stream_ttl_ms, *flatten(fields)]
         ).addCallback(lambda _: None)
 
     def get_stream(self, key: str) -> Deferred[dict | None]:
         return self._call("HGETALL", keys.metadata(key)).addCallback(
-            lambda flat: _pairs(flat) or None
+            lambda flat: pairs(flat) or None
         )
 
     def list_streams(self) -> Deferred[list[dict]]:
@@ -432,71 +272,6 @@ class RedisStore(Service):
                 streams.append(meta)
         return streams
 
-    def forget_stream_when_back(self, key: str, session_id: str | None) -> None:
-        """
-        The stream ended while Redis could not be reached: delete its keys
-        (and tell the other workers it stopped) once Redis is back, unless
-        another worker took it, or another session of it began, meanwhile.
-        Keys that outlive the store's stopping, or the keys' own time to
-        live, expire.
-        """
-        self._ended[key] = (session_id or "", self.reactor.seconds())
-        if self.available:
-            self._back()
-
-    def _back(self) -> None:
-        """
-        Redis serves again: delete the keys of the streams that ended
-        meanwhile; a failure leaves them for the next time.
-        """
-        now = self.reactor.seconds()
-        for key, ended in list(self._ended.items()):
-            if now - ended[1] > self.stream_ttl_ms / 1000:
-                # Expired by now.
-                del self._ended[key]
-            else:
-                self._forget(key, ended)
-
-    def _forget(self, key: str, ended: tuple) -> None:
-        def done(_):
-            if self._ended.get(key) == ended:
-                del self._ended[key]
-
-        def failed(failure):
-            self.log.warn(
-                "stream {key}: could not delete its keys: {why}", key=key, why=reason(failure)
-            )
-
-        self._delete_ended(key, ended[0]).addCallbacks(done, failed)
-
-    def _delete_ended(self, key: str, session_id: str) -> Deferred[bool]:
-        message = json.dumps(
-            {
-                "event": Event.STREAM_STOPPING.value,
-                "worker_id": self.worker_id,
-                "ts": self.reactor.seconds(),
-            }
-        )
-        return self._script(
-            scripts.DELETE_ENDED,
-            [
-                keys.buffer_index(key),
-                keys.owner(key),
-                keys.metadata(key),
-                keys.clients(key),
-                keys.last_client_disconnect_time(key),
-                keys.events(key),
-            ],
-            [
-                keys.buffer_chunk_prefix(key),
-                self.buffer_chunks,
-                keys.client_prefix(key),
-                self.worker_id,
-                session_id,
-                message,
-            ],
-        ).addCallback(lambda reply: int(reply) == 1)
-
     def delete_stream(self, key: str) -> Deferred[None]:
         return self._script(
             scripts.DELETE_STREAM,
@@ -514,59 +289,3 @@ class RedisStore(Service):
                 self.worker_id,
             ],
         ).addCallback(lambda _: None)
-
-    # Clients
-
-    def add_player(self, key: str, client_id: str, fields: Fields) -> Deferred[None]:
-        return self._script(
-            scripts.ADD_CLIENT,
-            [keys.clients(key), keys.client(key, client_id)],
-            [
-                int(self.ghost_client_timeout * 1000),
-                self.stream_ttl_ms,
-                client_id,
-                *_flatten(fields),
-            ],
-        ).addCallback(lambda _: None)
-
-    def update_player(self, key: str, client_id: str, fields: Fields) -> Deferred[None]:
-        return self._script(
-            scripts.UPDATE_CLIENT,
-            [keys.client(key, client_id)],
-            [int(self.ghost_client_timeout * 1000), *_flatten(fields)],
-        ).addCallback(lambda _: None)
-
-    def remove_player(self, key: str, client_id: str) -> Deferred[int]:
-        return self._script(
-            scripts.REMOVE_CLIENT, [keys.clients(key), keys.client(key, client_id)], [client_id]
-        ).addCallback(int)
-
-    def list_players(self, key: str) -> Deferred[dict[str, dict]]:
-        """
-        Every member of the clients set; a member whose hash has expired (its
-        worker stopped heartbeating it) comes with no fields, and so with no
-        heartbeat: a ghost.
-        """
-
-        def parse(flat):
-            return {text(flat[i]): _pairs(flat[i + 1]) for i in range(0, len(flat), 2)}
-
-        return self._script(
-            scripts.LIST_CLIENTS, [keys.clients(key)], [keys.client_prefix(key)]
-        ).addCallback(parse)
-
-    def count_players(self, key: str) -> Deferred[int]:
-        return self._call("SCARD", keys.clients(key)).addCallback(int)
-
-    def set_last_disconnect(self, key: str, when: float | None) -> Deferred[None]:
-        name = keys.last_client_disconnect_time(key)
-        if when is None:
-            d = self._call("DEL", name)
-        else:
-            d = self._call("SET", name, repr(when), "PX", self.stream_ttl_ms)
-        return d.addCallback(lambda _: None)
-
-    def get_last_disconnect(self, key: str) -> Deferred[float | None]:
-        return self._call("GET", keys.last_client_disconnect_time(key)).addCallback(
-            lambda v: float(v) if v is not None else None
-        )
