@@ -30,8 +30,7 @@ QUIET = 60.0
 class FailureLog:
     """
     Logs a failure of C{what} at most once per L{QUIET} seconds per kind of
-    failure; a store that is down is expected and logged as a warning
-    without a traceback.
+    failure.
     """
 
     log: Logger
@@ -41,7 +40,9 @@ class FailureLog:
     _quieted: dict = attrs.field(factory=dict, init=False)
 
     def __call__(self, failure: Failure) -> None:
-        if failure.check(CancelledError):
+        if failure.check(CancelledError, Unavailable):
+            # A store that cannot serve is logged by the store itself, once
+            # as the outage begins and once as it ends.
             return
         kind = failure.type
         now = self.clock.seconds()
@@ -49,21 +50,12 @@ class FailureLog:
             self._quieted[kind] = self._quieted.get(kind, 0) + 1
             return
         self._last[kind] = now
-        quieted = self._quieted.pop(kind, 0)
-        if failure.check(Unavailable):
-            self.log.warn(
-                "{what} failed: {why} ({quieted} more since the last report)",
-                what=self.what,
-                why=failure.getErrorMessage(),
-                quieted=quieted,
-            )
-        else:
-            self.log.failure(
-                "{what} failed ({quieted} more since the last report)",
-                failure,
-                what=self.what,
-                quieted=quieted,
-            )
+        self.log.failure(
+            "{what} failed ({quieted} more since the last report)",
+            failure,
+            what=self.what,
+            quieted=self._quieted.pop(kind, 0),
+        )
 
 
 @attrs.define(eq=False)

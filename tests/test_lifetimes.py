@@ -19,6 +19,7 @@ from twisted.logger import Logger, LogLevel, globalLogPublisher
 from acestream_proxy.background import QUIET, Tasks, periodic
 from acestream_proxy.config import Config, Tuning
 from acestream_proxy.engine.registry import Engine, EngineRegistry
+from acestream_proxy.errors import Unavailable
 from acestream_proxy.service import make_store
 from acestream_proxy.store.memory import MemoryStore
 from acestream_proxy.store.redis import RedisStore
@@ -333,3 +334,30 @@ def test_a_join_cancelled_before_its_stream_exists_gives_the_lease_back():
     attached = Deferred.fromCoroutine(registry.attach(KEY, "id", again))
     api.readers[0].dataReceived(packets(0, 10))
     assert attached.called and again.transport.value()
+
+
+def test_a_store_that_cannot_serve_is_not_logged_by_every_task():
+    """
+    The store logs its outage once as it begins and once as it ends; the
+    tasks that meet it while it lasts (lease, heartbeats, appends) keep
+    quiet about it, and keep running.
+    """
+    clock = Clock()
+    events = []
+    calls = []
+
+    def refused():
+        calls.append(clock.seconds())
+        raise Unavailable("the Redis store cannot serve now (READONLY)")
+
+    globalLogPublisher.addObserver(events.append)
+    try:
+        tasks = Tasks(Logger(), clock, "lease renewal")
+        timer = periodic(1.0, refused, clock, tasks)
+        timer.startService()
+        clock.pump([1.0] * 120)
+        timer.stopService()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert len(calls) == 121
+    assert [e for e in events if e.get("what") == "lease renewal"] == []
