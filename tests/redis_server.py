@@ -69,12 +69,18 @@ class RedisServer:
         """
         arguments = [
             redis_server_binary(),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", self.directory,
-            "--unixsocket", self.socket_path,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self.directory,
+            "--unixsocket",
+            self.socket_path,
         ]
         if self.password is not None:
             arguments += ["--requirepass", self.password]
@@ -266,8 +272,23 @@ def self_signed_certificate(directory: str):
     return ssl.CertificateOptions(privateKey=key, certificate=certificate), path
 
 
+class _Front:
+    """
+    A port of 127.0.0.1 in front of a redis-server.
+    """
+
+    port: object
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port.getHost().port}"
+
+    def stop(self):
+        return self.port.stopListening()
+
+
 @attrs.define
-class TLSFront:
+class TLSFront(_Front):
     """
     TLS in front of a plain redis-server, as a TLS-terminating proxy (or a
     Redis built with TLS) would offer it: a port of 127.0.0.1 whose TLS
@@ -288,13 +309,6 @@ class TLSFront:
             0, ProxyFactory("127.0.0.1", self.server.port), options, interface="127.0.0.1"
         )
         return self
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port.getHost().port}"
-
-    def stop(self):
-        return self.port.stopListening()
 
 
 def _commands_in(data: bytes) -> tuple[int, bytes]:
@@ -327,7 +341,7 @@ def _command_end(data: bytes) -> int | None:
 
 
 @attrs.define
-class LoadingFront:
+class LoadingFront(_Front):
     """
     A port in front of a redis-server that, while C{loading}, answers every
     command itself with C{-LOADING}, as a server loading its dataset (or a
@@ -357,18 +371,9 @@ class LoadingFront:
                 if not self.answering:
                     return super().dataReceived(data)
                 count, self.pending = _commands_in(self.pending + data)
-                self.transport.write(
-                    b"-LOADING Redis is loading the dataset in memory\r\n" * count
-                )
+                self.transport.write(b"-LOADING Redis is loading the dataset in memory\r\n" * count)
 
         factory = ProxyFactory("127.0.0.1", self.server.port)
         factory.protocol = Server
         self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         return self
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port.getHost().port}"
-
-    def stop(self):
-        return self.port.stopListening()
