@@ -36,6 +36,10 @@ _MAY_BE_ZERO = frozenset(
     }
 )
 
+#: A window smaller than one chunk (eight TS packets) could not hold even
+#: the newest chunk.
+MIN_BUFFER_BYTES = 188 * 8
+
 
 @attrs.frozen
 class EngineConfig:
@@ -76,6 +80,14 @@ class Tuning:
     ghost_client_timeout: float = 50
     chunk_ttl: float = 60
     buffer_chunks: int = 1000
+    # A worker's window of a stream holds at most this many seconds and
+    # bytes of it (4 Mbit/s for 8 s is about 4 MB); buffer_chunks and
+    # chunk_ttl bound it too, and alone bound the shared Redis buffer.
+    buffer_seconds: float = 8
+    buffer_bytes: int = 6 * 1024 * 1024
+    # All of a worker's windows together hold at most this many bytes; the
+    # largest shrink first when they would hold more.
+    max_buffer_bytes: int = 256 * 1024 * 1024
     # A new player starts this many chunks behind the live edge, so that its
     # decoder gets a running start instead of stalling on the next chunk.
     join_chunks: int = 3
@@ -303,6 +315,16 @@ def _tuning(value: Any) -> Tuning:
         raise ConfigError(
             f"tuning.join_chunks: must be less than tuning.buffer_chunks"
             f" ({tuning.buffer_chunks}), got {tuning.join_chunks}"
+        )
+    if tuning.buffer_bytes < MIN_BUFFER_BYTES:
+        raise ConfigError(
+            f"tuning.buffer_bytes: must be at least {MIN_BUFFER_BYTES} (one chunk),"
+            f" got {tuning.buffer_bytes}"
+        )
+    if tuning.max_buffer_bytes < tuning.buffer_bytes:
+        raise ConfigError(
+            f"tuning.max_buffer_bytes: must be at least tuning.buffer_bytes"
+            f" ({tuning.buffer_bytes}), got {tuning.max_buffer_bytes}"
         )
     if tuning.ghost_client_timeout <= tuning.heartbeat_interval:
         raise ConfigError(

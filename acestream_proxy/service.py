@@ -69,7 +69,14 @@ def make_store(config: Config, reactor, worker_id: str):
     """
     tuning = config.tuning
     if config.redis is None:
-        return MemoryStore(reactor, tuning.buffer_chunks, tuning.chunk_ttl, worker_id)
+        return MemoryStore(
+            reactor,
+            tuning.buffer_chunks,
+            tuning.chunk_ttl,
+            worker_id,
+            buffer_bytes=tuning.buffer_bytes,
+            buffer_seconds=tuning.buffer_seconds,
+        )
     return RedisStore(
         url=config.redis,
         reactor=reactor,

@@ -122,5 +122,12 @@ def make_server(clock, api=None, engines=None, store=None, **tuning) -> StreamRe
     engines = engines or [Engine("engine-a", "http://127.0.0.1:6878", "127.0.0.1", 6878)]
     registry = EngineRegistry(engines, api)
     if store is None:
-        store = MemoryStore(clock, tuning.buffer_chunks, tuning.chunk_ttl, "worker-1")
+        store = MemoryStore(
+            clock,
+            tuning.buffer_chunks,
+            tuning.chunk_ttl,
+            "worker-1",
+            buffer_bytes=tuning.buffer_bytes,
+            buffer_seconds=tuning.buffer_seconds,
+        )
     return StreamRegistry(store, registry, api, clock, tuning, "worker-1")

@@ -97,6 +97,9 @@ def test_defaults():
         "ghost_client_timeout": 50,
         "chunk_ttl": 60,
         "buffer_chunks": 1000,
+        "buffer_seconds": 8,
+        "buffer_bytes": 6291456,
+        "max_buffer_bytes": 268435456,
         "join_chunks": 3,
         "cleanup_grace": 5,
         "no_data_timeout": 10,
@@ -276,6 +279,26 @@ ERRORS = [
     (
         {"tuning": {"buffer_chunks": 0}},
         "tuning.buffer_chunks: expected a positive integer, got 0",
+    ),
+    (
+        {"tuning": {"buffer_seconds": 0}},
+        "tuning.buffer_seconds: expected a positive number, got 0",
+    ),
+    (
+        {"tuning": {"buffer_bytes": 6.5}},
+        "tuning.buffer_bytes: expected a positive integer, got 6.5",
+    ),
+    (
+        {"tuning": {"buffer_bytes": 1503}},
+        "tuning.buffer_bytes: must be at least 1504 (one chunk), got 1503",
+    ),
+    (
+        {"tuning": {"max_buffer_bytes": -1}},
+        "tuning.max_buffer_bytes: expected a positive integer, got -1",
+    ),
+    (
+        {"tuning": {"max_buffer_bytes": 2000, "buffer_bytes": 4000}},
+        "tuning.max_buffer_bytes: must be at least tuning.buffer_bytes (4000), got 2000",
     ),
     (
         {"tuning": {"max_clients": False}},

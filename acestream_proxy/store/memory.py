@@ -3,6 +3,7 @@ The embedded store: L{Store} in this process's memory, the default, which
 needs nothing installed and serves one worker.
 """
 
+import math
 from collections import deque
 from typing import Callable
 
@@ -18,6 +19,8 @@ from .base import Fields, Listeners, NotOwner, _plain
 class _MemoryStream:
     index: int = 0
     chunks: deque = attrs.field(factory=deque)
+    #: The bytes of packets in C{chunks}.
+    size: int = 0
 
 
 @attrs.define
@@ -29,6 +32,12 @@ class MemoryRingBuffer:
         that the store can announce C{chunk_added} as the Redis buffer does.
     @ivar may_append: whether this worker may append to a stream (holds its
         owner lease); a refused append fails with L{NotOwner}.
+    @ivar max_bytes: the most bytes of packets kept per stream.
+    @ivar max_seconds: how much older than the newest chunk the oldest may
+        be.  With C{max_bytes} and C{max_chunks} these are the bounds of the
+        fan-out window (L{acestream_proxy.stream.window.ChunkWindow}): this
+        buffer holds views into the same bytes, so it must not keep them
+        alive longer.
     """
 
     clock: IReactorTime
@@ -36,13 +45,27 @@ class MemoryRingBuffer:
     ttl: float
     on_append: Callable[[str, int], object] | None = None
     may_append: Callable[[str], bool] | None = None
+    max_bytes: float = math.inf
+    max_seconds: float = math.inf
     _streams: dict[str, _MemoryStream] = attrs.field(factory=dict, init=False)
 
     def _expire(self, stream: _MemoryStream) -> None:
         oldest = self.clock.seconds() - self.ttl
         chunks = stream.chunks
         while chunks and chunks[0][1] < oldest:
-            chunks.popleft()
+            stream.size -= len(chunks.popleft()[2])
+
+    def _bound(self, stream: _MemoryStream) -> None:
+        """
+        Drop the oldest chunks beyond the count, bytes and seconds bounds,
+        never the newest, as the fan-out window does.
+        """
+        chunks = stream.chunks
+        oldest = chunks[-1][1] - self.max_seconds
+        while len(chunks) > 1 and (
+            len(chunks) > self.max_chunks or stream.size > self.max_bytes or chunks[0][1] < oldest
+        ):
+            stream.size -= len(chunks.popleft()[2])
 
     def append(self, key: str, data: bytes | memoryview) -> Deferred[int]:
         """
@@ -54,8 +77,8 @@ class MemoryRingBuffer:
         stream = self._streams.setdefault(key, _MemoryStream())
         stream.index += 1
         stream.chunks.append((stream.index, self.clock.seconds(), data))
-        while len(stream.chunks) > self.max_chunks:
-            stream.chunks.popleft()
+        stream.size += len(data)
+        self._bound(stream)
         self._expire(stream)
         if self.on_append is not None:
             self.on_append(key, stream.index)
@@ -102,6 +125,8 @@ class MemoryStore:
     buffer_chunks: int
     chunk_ttl: float
     worker_id: str = "local"
+    buffer_bytes: float = math.inf
+    buffer_seconds: float = math.inf
     buffer: MemoryRingBuffer = attrs.field(init=False)
     _owners: dict[str, str] = attrs.field(factory=dict, init=False)
     _listeners: Listeners = attrs.field(factory=Listeners, init=False)
@@ -116,6 +141,8 @@ class MemoryStore:
             self.chunk_ttl,
             on_append=self._chunk_added,
             may_append=lambda key: self._owners.get(key) == self.worker_id,
+            max_bytes=self.buffer_bytes,
+            max_seconds=self.buffer_seconds,
         )
 
     def _chunk_added(self, key: str, index: int) -> None:

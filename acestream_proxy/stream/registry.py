@@ -23,6 +23,7 @@ from ..store.base import RETRY_AFTER, Store
 from .heartbeat import PlayerHeartbeats
 from .player import PlayerInfo
 from .stream import Stream
+from .window import WindowBudget
 
 #: Seconds a shutdown waits for players' last bytes to leave.
 SHUTDOWN_DRAIN = 5.0
@@ -59,10 +60,14 @@ class StreamRegistry(MultiService):
     tasks: Tasks = attrs.field(init=False)
     _stopping: dict = attrs.field(factory=dict, init=False)
     _create_lock: DeferredLock = attrs.field(factory=DeferredLock, init=False)
+    #: Shared by every stream's window, so that together they stay within
+    #: C{tuning.max_buffer_bytes}.
+    budget: WindowBudget = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         MultiService.__init__(self)
         self.tasks = Tasks(self.log, self.clock, "the stream registry")
+        self.budget = WindowBudget(self.tuning.max_buffer_bytes)
         self.heartbeats = PlayerHeartbeats(
             self.store,
             self.clock,
@@ -178,6 +183,7 @@ class StreamRegistry(MultiService):
                 worker_id=self.worker_id,
                 choose_engine=self.choose_engine,
                 find_engine=self.engines.by_id,
+                budget=self.budget,
             )
             self.streams[key] = stream
             self.log.info(

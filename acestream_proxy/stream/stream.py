@@ -48,7 +48,7 @@ from .player import PlayerInfo, PlayerProducer
 from .players import Players
 from .ready import Readiness
 from .tail import BufferTail
-from .window import ChunkWindow
+from .window import ChunkWindow, WindowBudget
 
 _LIVE_STATES = frozenset({StreamState.STARTED, StreamState.UNHEALTHY, StreamState.RECONNECTING})
 
@@ -74,6 +74,8 @@ class Stream(MultiService):
     choose_engine: Callable[..., Awaitable[Engine]]
     find_engine: Callable[[str], Engine | None]
     source: EngineFeed | BufferTail | None = None
+    #: The worker's cap on all windows' bytes, shared with its other streams.
+    budget: WindowBudget | None = None
     started_at: float = 0.0
     tasks: Tasks = attrs.field(init=False)
     fanout: FanOut = attrs.field(init=False)
@@ -92,7 +94,13 @@ class Stream(MultiService):
         self.setName(self.key)
         self.started_at = self.clock.seconds()
         self.tasks = Tasks(self.log, self.clock, f"stream {self.key}")
-        window = ChunkWindow(self.tuning.buffer_chunks, self.tuning.chunk_ttl)
+        window = ChunkWindow(
+            self.tuning.buffer_chunks,
+            self.tuning.chunk_ttl,
+            max_bytes=self.tuning.buffer_bytes,
+            max_seconds=self.tuning.buffer_seconds,
+            budget=self.budget,
+        )
         self.fanout = FanOut(window, self.tuning.join_chunks)
         self.lease = OwnerLease(self.key, self.store, self.clock, self.tuning.owner_lease)
         self.players = Players(

@@ -1,6 +1,6 @@
 """
-A stream's window in one worker: its last chunks of whole TS packets, none
-older than C{chunk_ttl}, that this worker's players read from.
+A stream's window in one worker: its last chunks of whole TS packets, a few
+seconds and megabytes of them, that this worker's players read from.
 
 A L{Chunk} carries its bytes already framed for HTTP/1.1 chunked transfer,
 so a chunk is framed once per worker, not once per player.  The store's ring
@@ -8,6 +8,7 @@ buffer (L{acestream_proxy.store.base.RingBuffer}) is the window shared by
 every worker.
 """
 
+import math
 from collections import deque
 
 import attrs
@@ -57,15 +58,75 @@ class Chunk:
 
 
 
-@attrs.define
+@attrs.define(eq=False)
+class WindowBudget:
+    """
+    A cap on the bytes held by all the windows of one worker, so that memory
+    stays bounded however many streams it serves.
+
+    Every window reports the bytes it gains and loses here.  Enforcement is
+    cheap: the window that is appending trims its own oldest chunks first
+    (it is the one that just grew, and a busy stream is usually the largest
+    one), and only if that is not enough (it is down to its newest chunk) is
+    the largest other window trimmed.  Finding it walks the non-empty
+    windows, one per stream, and happens only while over the cap, so each
+    chunk costs O(1) in the common case.
+
+    @ivar limit: the most bytes of packets the windows may hold together.
+    @ivar total: the bytes of packets they hold now.
+    """
+
+    limit: int
+    total: int = 0
+    _windows: set = attrs.field(factory=set, init=False)
+
+    def gained(self, window: "ChunkWindow", size: int) -> None:
+        self.total += size
+        self._windows.add(window)
+
+    def lost(self, window: "ChunkWindow", size: int) -> None:
+        self.total -= size
+        if not window.size:
+            self._windows.discard(window)
+
+    def enforce(self, appending: "ChunkWindow") -> None:
+        """
+        Trim windows until the total is within the limit, never taking a
+        window's newest chunk.
+        """
+        while self.total > self.limit and appending.drop_oldest():
+            pass
+        while self.total > self.limit:
+            largest = max(self._windows, key=lambda w: (len(w) > 1, w.size), default=None)
+            if largest is None or not largest.drop_oldest():
+                return
+
+
+@attrs.define(eq=False)
 class ChunkWindow:
     """
-    Consecutive chunks, bounded by count and age.  Lookups by index are O(1)
-    because the indices in the window are always consecutive.
+    Consecutive chunks, bounded by count, bytes, age and the worker's
+    L{WindowBudget}.  Lookups by index are O(1) because the indices in the
+    window are always consecutive.
+
+    Bytes and seconds bound what a window costs whatever the stream's bit
+    rate and batch size, which a count alone cannot; the newest chunk is
+    always kept, so that a player can join or skip to the live edge.
+
+    @ivar max_chunks: the most chunks kept.
+    @ivar ttl: the longest a chunk is kept after it was added.
+    @ivar max_bytes: the most bytes of packets kept.
+    @ivar max_seconds: how much older than the newest chunk the oldest may be.
+    @ivar budget: shared by every window of the worker, if any.
+    @ivar size: the bytes of packets held now.
     """
 
     max_chunks: int
     ttl: float
+    max_bytes: float = math.inf
+    max_seconds: float = math.inf
+    budget: WindowBudget | None = None
+    size: int = attrs.field(default=0, init=False)
     _chunks: deque = attrs.field(factory=deque, init=False)
 
     @property
@@ -90,11 +151,44 @@ class ChunkWindow:
         """
         chunks = self._chunks
         if chunks and chunk.index != chunks[-1].index + 1:
-            chunks.clear()
+            self.clear()
         chunks.append(chunk)
-        while len(chunks) > self.max_chunks:
-            chunks.popleft()
+        self.size += chunk.size
+        if self.budget is not None:
+            self.budget.gained(self, chunk.size)
+        self._bound(chunk.added_at)
         self.expire(chunk.added_at)
+        if self.budget is not None:
+            self.budget.enforce(self)
+
+    def _bound(self, newest: float) -> None:
+        """
+        Drop the oldest chunks beyond the count, bytes and seconds bounds.
+        """
+        chunks = self._chunks
+        oldest = newest - self.max_seconds
+        while (
+            len(chunks) > self.max_chunks
+            or self.size > self.max_bytes
+            or chunks[0].added_at < oldest
+        ) and self.drop_oldest():
+            pass
+
+    def drop_oldest(self) -> bool:
+        """
+        Drop the oldest chunk unless it is the newest; whether one was
+        dropped.
+        """
+        chunks = self._chunks
+        if len(chunks) < 2:
+            return False
+        self._dropped(chunks.popleft())
+        return True
+
+    def _dropped(self, chunk: Chunk) -> None:
+        self.size -= chunk.size
+        if self.budget is not None:
+            self.budget.lost(self, chunk.size)
 
     def expire(self, now: float) -> None:
         """
@@ -103,7 +197,7 @@ class ChunkWindow:
         chunks = self._chunks
         oldest = now - self.ttl
         while chunks and chunks[0].added_at < oldest:
-            chunks.popleft()
+            self._dropped(chunks.popleft())
 
     def get(self, index: int) -> Chunk | None:
         chunks = self._chunks
@@ -115,4 +209,6 @@ class ChunkWindow:
         return None
 
     def clear(self) -> None:
-        self._chunks.clear()
+        chunks = self._chunks
+        while chunks:
+            self._dropped(chunks.popleft())
