@@ -30,6 +30,7 @@ _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _MAY_BE_ZERO = frozenset(
     {
         "join_chunks",
+        "chunk_bytes",
         "max_reconnects",
         "max_connections_per_address",
         "max_new_streams_per_address",
@@ -88,6 +89,13 @@ class Tuning:
     # All of a worker's windows together hold at most this many bytes; the
     # largest shrink first when they would hold more.
     max_buffer_bytes: int = 256 * 1024 * 1024
+    # What the engine sends is gathered into chunks of about this many bytes
+    # before players get it, each chunk sent when it is full or when its
+    # first bytes have waited chunk_delay: fewer, larger sends cost far less
+    # CPU per player, and add at most chunk_delay of latency.  0 sends every
+    # read from the engine as it comes.
+    chunk_bytes: int = 48 * 1024
+    chunk_delay: float = 0.1
     # A new player starts this many chunks behind the live edge, so that its
     # decoder gets a running start instead of stalling on the next chunk.
     join_chunks: int = 3

@@ -115,10 +115,12 @@ def packets(first_seq: int, count: int) -> bytes:
 def make_server(clock, api=None, engines=None, store=None, **tuning) -> StreamRegistry:
     """
     A proxy on C{clock} with the fake engine API: on the embedded store,
-    or on C{store} when given one (made with the same C{tuning}).
+    or on C{store} when given one (made with the same C{tuning}).  Unless
+    C{tuning} says otherwise, each engine read is a chunk of its own
+    (C{chunk_bytes=0}), so that a test's reads and chunks correspond.
     """
     api = api or FakeEngineAPI()
-    tuning = Tuning(**tuning)
+    tuning = Tuning(**{"chunk_bytes": 0} | tuning)
     engines = engines or [Engine("engine-a", "http://127.0.0.1:6878", "127.0.0.1", 6878)]
     registry = EngineRegistry(engines, api)
     if store is None:

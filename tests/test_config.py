@@ -100,6 +100,8 @@ def test_defaults():
         "buffer_seconds": 8,
         "buffer_bytes": 6291456,
         "max_buffer_bytes": 268435456,
+        "chunk_bytes": 49152,
+        "chunk_delay": 0.1,
         "join_chunks": 3,
         "cleanup_grace": 5,
         "no_data_timeout": 10,

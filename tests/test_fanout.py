@@ -71,7 +71,7 @@ def test_every_live_player_gets_the_same_bytes_object():
     producers = [player(follower)[0] for _ in range(3)]
     writes = []
     for producer in producers:
-        producer._write = writes.append
+        follower.go_live(producer, writes.append, framed=True)
     chunk = Chunk.make(2, packets(20, PER_CHUNK), 0.0)
     follower.deliver(chunk)
     assert len(writes) == 3

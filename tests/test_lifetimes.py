@@ -68,6 +68,8 @@ async def playing(registry, api) -> tuple:
     attached = Deferred.fromCoroutine(registry.attach(KEY, "id", request))
     await _until(lambda: api.readers)
     api.readers[0].dataReceived(packets(0, 50))
+    # The packets wait to fill a chunk; this is when the chunk is sent anyway.
+    registry.clock.advance(registry.tuning.chunk_delay)
     await attached
     return registry.streams[KEY], request
 
@@ -134,6 +136,10 @@ async def test_delete_leaves_nothing(store_url):
     clock = Clock()
     registry, api, store = await registry_on(store_url, clock)
     stream, request = await playing(registry, api)
+    # Packets still gathering into a chunk when the stream stops: dropped,
+    # and their timer with them.
+    api.readers[0].dataReceived(packets(50, 5))
+    assert clock.getDelayedCalls()
     await registry.stop_stream(KEY, "stopped through the API")
     assert api.stops == ["session-1"]
     await shut_down(clock, registry, store)
@@ -333,6 +339,7 @@ def test_a_join_cancelled_before_its_stream_exists_gives_the_lease_back():
     again = FakeRequest()
     attached = Deferred.fromCoroutine(registry.attach(KEY, "id", again))
     api.readers[0].dataReceived(packets(0, 10))
+    clock.advance(registry.tuning.chunk_delay)
     assert attached.called and again.transport.value()
 
 

@@ -432,10 +432,11 @@ class Cluster:
 def cluster(*names: str, **tuning) -> Cluster:
     """
     Running workers named C{names} (the first starts at time 0) sharing one
-    store and one engine, with the default tuning but for C{tuning}.
+    store and one engine, with the default tuning but for C{tuning}; each
+    engine read is a chunk of its own (C{chunk_bytes=0}).
     """
     clock = Clock()
-    tuning = Tuning(**{"owner_lease": LEASE} | tuning)
+    tuning = Tuning(**{"owner_lease": LEASE, "chunk_bytes": 0} | tuning)
     engine = SharedEngine()
     stores = shared_stores(clock, tuning, *names)
     workers = []

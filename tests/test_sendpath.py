@@ -201,16 +201,16 @@ def sendpath_events():
 def spy_on_sends(calls: list) -> Callable:
     """
     A C{before_start} that records, for each chunk written to a player's
-    transport, C{("direct", data)} when it went to C{writeSomeData} at once
-    and C{("queued", data)} when it went to the transport's C{write}.
-    C{writeSomeData} called by the transport itself, flushing its queue, is
-    not recorded.
+    transport, C{("direct", data)} when it went to the socket at once,
+    C{("batch", buffers)} when several went in one system call, and
+    C{("queued", data)} when it went to the transport's C{write}.  Sends by the transport itself, flushing its
+    queue, are not recorded.
     """
 
     def watch(request) -> None:
         transport = request.transport
         flushing = []
-        do_write, send, write = transport.doWrite, transport.writeSomeData, transport.write
+        do_write, write = transport.doWrite, transport.write
 
         def doWrite():
             flushing.append(True)
@@ -219,18 +219,35 @@ def spy_on_sends(calls: list) -> Callable:
             finally:
                 flushing.pop()
 
-        def writeSomeData(data):
-            if not flushing:
-                calls.append(("direct", data))
-            return send(data)
-
         def queue(data):
             calls.append(("queued", data))
             return write(data)
 
-        transport.doWrite, transport.writeSomeData, transport.write = doWrite, writeSomeData, queue
+        transport.doWrite, transport.write = doWrite, queue
+        transport.socket = _SpiedSocket(transport.socket, calls, flushing)
 
     return watch
+
+
+class _SpiedSocket:
+    """
+    A socket whose sends are recorded unless its transport is flushing.
+    """
+
+    def __init__(self, sock, calls: list, flushing: list) -> None:
+        self._sock, self._calls, self._flushing = sock, calls, flushing
+
+    def send(self, data):
+        if not self._flushing:
+            self._calls.append(("direct", data))
+        return self._sock.send(data)
+
+    def sendmsg(self, buffers):
+        self._calls.append(("batch", list(buffers)))
+        return self._sock.sendmsg(buffers)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
 
 
 def whole(body: bytes, allowed_jumps: int = 0):
@@ -258,6 +275,16 @@ def _without_temp_data_len(patch) -> None:
     patch.setattr(abstract.FileDescriptor, "__init__", renamed)
 
 
+def _socket_renamed(patch) -> None:
+    init = tcp.Connection.__init__
+
+    def renamed(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self._sock = self.__dict__.pop("socket")
+
+    patch.setattr(tcp.Connection, "__init__", renamed)
+
+
 #: Twisteds that differ from the one the direct send was written against:
 #: how to simulate each, and what the warning then says.
 DIFFERENT_TWISTEDS = {
@@ -270,10 +297,7 @@ DIFFERENT_TWISTEDS = {
         lambda patch: patch.setattr(abstract.FileDescriptor, "dataBuffer", []),
         "not empty bytes",
     ),
-    "no writeSomeData of its own": (
-        lambda patch: patch.delattr(tcp.Connection, "writeSomeData"),
-        "NotImplementedError",
-    ),
+    "socket kept elsewhere": (_socket_renamed, "has no socket"),
     "write queues elsewhere": (
         lambda patch: patch.setattr(abstract.FileDescriptor, "write", lambda self, data: None),
         "left _tempDataLen at 0",
@@ -350,6 +374,30 @@ async def test_chunks_go_straight_to_a_socket_with_room(served):
     assert [kind for kind, _ in calls] == ["direct"] * len(chunks)
     assert all(data is chunk.framed for (_, data), chunk in zip(calls, chunks))
     assert not player.paused and served.follower.live_count == 1
+    whole(client.body())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_player_behind_catches_up_in_one_system_call(served):
+    """
+    A player that starts behind the live edge (or resumes there) is sent
+    the chunks it lacks together, in one C{sendmsg}, then goes live.  The
+    first one waits behind the response headers, queued in the transport.
+    """
+    window = served.publish(3)
+    calls = []
+    served.before_start = spy_on_sends(calls)
+    client = served.connect()
+    player = await served.player(client)
+    await eventually(lambda: len(calls) == 2, what="the window sent")
+    framed = [chunk.framed for chunk in window]
+    assert calls == [("queued", framed[0]), ("batch", framed[1:])]
+    live = served.publish()
+    await eventually(
+        lambda: len(client.body()) == 4 * SMALL * PACKET_SIZE, what="the live chunk"
+    )
+    assert calls[2:] == [("direct", live[0].framed)]
+    assert served.follower.live_count == 1 and player.bytes_sent == 4 * SMALL * PACKET_SIZE
     whole(client.body())
 
 

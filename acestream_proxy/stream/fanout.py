@@ -2,8 +2,15 @@
 The fan-out of one stream inside one worker: every new chunk enters the local
 window once and is handed, as the same bytes object, to each player that is
 keeping up.  Players that are paused or behind read from the window at their
-own pace (see L{acestream_proxy.producer}).
+own pace (see L{acestream_proxy.stream.player}).
+
+The loop over live players is the daemon's hottest code: per chunk and
+player it makes one call, to the player's send function, and nothing else.
+What a live player has been sent is worked out when it leaves the live set,
+from the fan-out's running totals, instead of being counted per chunk.
 """
+
+from typing import Callable
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -17,26 +24,40 @@ class FanOut:
     @ivar window: the chunks players may still read.
     @ivar join_chunks: how far behind the live edge a new player starts, so
         that its player's own buffer fills at once.
+    @ivar last_index: the index of the last chunk delivered (0 before the
+        first).
+    @ivar delivered_bytes: the bytes of packets of every chunk delivered so
+        far: a live player's count of bytes sent is this total less what it
+        was when the player went live.
     """
 
     window: ChunkWindow
     join_chunks: int
-    #: The index of the last chunk delivered (0 before the first).
     last_index: int = 0
-    _live: list = attrs.field(factory=list, init=False)
+    delivered_bytes: int = 0
     producers: set = attrs.field(factory=set, init=False)
+    # Live players, by how they take a chunk: framed for HTTP/1.1 chunked
+    # transfer (nearly all), or as bare packets (HTTP/1.0).
+    _framed: dict = attrs.field(factory=dict, init=False)
+    _bare: dict = attrs.field(factory=dict, init=False)
     _waiting: list = attrs.field(factory=list, init=False)
 
     def deliver(self, chunk: Chunk) -> None:
         """
-        Add the newest chunk and give it to every player that is caught up.
-        A player whose transport fills up during its write leaves the live
-        list by itself, so the loop walks a copy.
+        Add the newest chunk and send it to every player that is caught up.
+        A player whose socket fills up during its send leaves the live set
+        at once, so the loops walk copies.
         """
         self.last_index = chunk.index
+        self.delivered_bytes += chunk.size
         self.window.append(chunk)
-        for producer in self._live[:]:
-            producer.offer(chunk)
+        framed = chunk.framed
+        for send in list(self._framed.values()):
+            send(framed)
+        if self._bare:
+            data = bytes(chunk.data)
+            for send in list(self._bare.values()):
+                send(data)
         if self._waiting:
             waiting, self._waiting = self._waiting, []
             for d in waiting:
@@ -68,23 +89,26 @@ class FanOut:
         self.producers.discard(producer)
         self.go_idle(producer)
 
-    def go_live(self, producer) -> None:
+    def go_live(self, producer, send: Callable[[bytes], None], framed: bool) -> None:
         """
-        C{producer} has sent everything in the window: give it new chunks as
-        they arrive.
+        C{producer} has sent everything in the window: from now on, C{send}
+        each new chunk to it, C{framed} or as bare packets.
         """
-        if producer not in self._live:
-            self._live.append(producer)
+        (self._framed if framed else self._bare)[producer] = send
 
-    def go_idle(self, producer) -> None:
+    def go_idle(self, producer) -> bool:
         """
-        C{producer} is paused or finished: stop handing it chunks.
+        C{producer} is paused or finished: stop sending it chunks.  Whether
+        it was live.
         """
-        try:
-            self._live.remove(producer)
-        except ValueError:
-            pass
+        return (
+            self._framed.pop(producer, None) is not None
+            or self._bare.pop(producer, None) is not None
+        )
+
+    def is_live(self, producer) -> bool:
+        return producer in self._framed or producer in self._bare
 
     @property
     def live_count(self) -> int:
-        return len(self._live)
+        return len(self._framed) + len(self._bare)

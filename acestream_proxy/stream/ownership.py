@@ -40,7 +40,13 @@ class Ownership:
         """
         stream = self.stream
         writer = StoreWriter(
-            stream.key, stream.store, stream.clock, stream.fanout, stream.lease.safe
+            stream.key,
+            stream.store,
+            stream.clock,
+            stream.fanout,
+            stream.lease.safe,
+            chunk_bytes=stream.tuning.chunk_bytes,
+            chunk_delay=stream.tuning.chunk_delay,
         )
         return EngineFeed(
             stream.key,

@@ -19,8 +19,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .fanout import FanOut
-from .sendpath import direct_writer
-from .window import Chunk
+from .sendpath import batch_writer, direct_writer
+
+#: The most chunks a player that is behind is sent in one system call.
+CATCH_UP_BATCH = 16
 
 
 @attrs.frozen
@@ -43,8 +45,9 @@ class PlayerProducer:
     @ivar done: fires when the player's response should end: with L{None}
         when the stream ended, after the final chunk.  Cancelling it (the web
         layer does that when the connection is lost) detaches the player.
-    @ivar position: index of the next chunk to send, or L{None} before the
-        first one.
+    @ivar position: index of the next chunk to send from the window, or
+        L{None} before the first one; while the player is live it is not
+        kept up to date (the next chunk delivered is the next one sent).
     """
 
     log = Logger()
@@ -58,10 +61,14 @@ class PlayerProducer:
     position: int | None = None
     paused: bool = False
     finished: bool = False
-    bytes_sent: int = 0
     skips: int = 0
     done: Deferred = attrs.field(init=False)
+    _sent: int = attrs.field(default=0, init=False)
+    # The fan-out's delivered_bytes when this player went live; None while
+    # it is not live.
+    _live_mark: int | None = attrs.field(default=None, init=False)
     _write: Callable[[bytes], None] | None = attrs.field(default=None, init=False)
+    _write_many: Callable[[list], int] | None = attrs.field(default=None, init=False)
     _stall: object = attrs.field(default=None, init=False)
     _chunked: bool = attrs.field(default=False, init=False)
     _counted: bool = attrs.field(default=False, init=False)
@@ -87,30 +94,35 @@ class PlayerProducer:
         # memory, and catches up from the shared window when its socket
         # drains (see sendpath.pausing_writer).
         self._write = direct_writer(request.transport)
+        if self._chunked:
+            self._write_many = batch_writer(request.transport)
         self.fanout.add(self)
         request.registerProducer(self, True)
         self.position = self.fanout.join_position()
         if not self.paused:
             self._catch_up()
 
-    def offer(self, chunk: Chunk) -> None:
+    @property
+    def bytes_sent(self) -> int:
         """
-        The fan-out's hot path: a new chunk for a player that is caught up.
+        The bytes of packets handed to this player's connection so far.
         """
-        self.position = chunk.index + 1
-        if self._chunked:
-            framed = chunk.framed
-            self.bytes_sent += chunk.size
-            self._write(framed)
-        else:
-            self._write_raw(chunk)
+        if self._live_mark is None:
+            return self._sent
+        return self._sent + self.fanout.delivered_bytes - self._live_mark
 
     def _catch_up(self) -> None:
+        """
+        Send what the window holds from this player's position on, then go
+        live.  Several chunks go down in one system call when the socket
+        takes them: a player that is behind catches up at the cost of few
+        calls rather than one per chunk.
+        """
         window = self.fanout.window
         while not self.paused and not self.finished:
             position = self.position
-            chunk = window.get(position) if position is not None else None
-            if chunk is None:
+            chunks = window.run(position, CATCH_UP_BATCH) if position is not None else ()
+            if not chunks:
                 first = window.first_index
                 if position is not None and first is not None and position < first:
                     # Fell out of the window: jump to the newest chunk.
@@ -122,28 +134,39 @@ class PlayerProducer:
                         key=self.info.key,
                     )
                     continue
-                self.fanout.go_live(self)
+                self._go_live()
                 return
-            self.position = position + 1
-            if self._chunked:
-                self.bytes_sent += chunk.size
-                self._write(chunk.framed)
+            if self._write_many is not None:
+                chunks = chunks[: self._write_many([chunk.framed for chunk in chunks])]
             else:
-                self._write_raw(chunk)
+                chunks = chunks[:1]
+                chunk = chunks[0]
+                self._write(chunk.framed if self._chunked else bytes(chunk.data))
+            self.position = chunks[-1].index + 1
+            self._sent += sum(chunk.size for chunk in chunks)
 
-    def _write_raw(self, chunk: Chunk) -> None:
+    def _go_live(self) -> None:
         """
-        An HTTP/1.0 player takes the bare packets: a copy, on a path that
-        players rarely take.
+        Everything in the window is sent: take each new chunk as it comes.
         """
-        self.bytes_sent += chunk.size
-        self._write(bytes(chunk.data))
+        self._live_mark = self.fanout.delivered_bytes
+        self.fanout.go_live(self, self._write, self._chunked)
+
+    def _leave_live(self) -> None:
+        """
+        Stop taking new chunks, and settle what was sent while live: every
+        chunk delivered since going live, up to the newest.
+        """
+        if self.fanout.go_idle(self):
+            self._sent += self.fanout.delivered_bytes - self._live_mark
+            self.position = self.fanout.last_index + 1
+        self._live_mark = None
 
     # IPushProducer
 
     def pauseProducing(self) -> None:
         self.paused = True
-        self.fanout.go_idle(self)
+        self._leave_live()
         if self.clock is not None and self._stall is None and not self.finished:
             self._stall = self.clock.callLater(self.write_timeout, self._stalled)
 
@@ -202,6 +225,7 @@ class PlayerProducer:
             return False
         self.finished = True
         self._cancel_stall()
+        self._leave_live()
         self.fanout.remove(self)
         if self._write is not None:
             self.request.unregisterProducer()

@@ -7,14 +7,14 @@ turn, registering the socket for writability and unregistering it again: two
 extra system calls and a reactor event per write.  The fan-out writes the
 same chunk to hundreds of sockets that nearly always have room, so that
 overhead would be most of its cost (DESIGN.md, decision 9).  When a plain TCP
-transport has nothing queued, the chunk goes straight to C{writeSomeData};
+transport has nothing queued, the chunk goes straight to its socket;
 whatever the kernel does not take is queued with C{write} as usual, so
 ordering, flow control and producer pausing stay the transport's.
 
 That direct send reads what no public API offers of
 L{twisted.internet.tcp.Connection}: its queue (C{dataBuffer},
 C{_tempDataLen}), its state (C{connected}, C{disconnecting}) and
-C{writeSomeData}.  L{fast_path} checks once per process that the running
+the socket (C{socket}).  L{fast_path} checks once per process that the running
 Twisted still has them and behaves as expected; if not, players are sent to
 through the public C{write} alone, and one warning says why.
 """
@@ -32,7 +32,7 @@ import twisted
 log = Logger()
 
 #: What the direct send reads of a L{tcp.Connection} besides its public API.
-INTERNALS = ("dataBuffer", "_tempDataLen", "connected", "disconnecting", "writeSomeData")
+INTERNALS = ("dataBuffer", "_tempDataLen", "connected", "disconnecting", "socket")
 
 
 @attrs.frozen
@@ -81,12 +81,12 @@ def _mismatch() -> str | None:
         return f"no socket pair to probe tcp.Connection with: {e}"
     with ours, theirs:
         try:
-            return _probe(tcp.Connection(ours, None, _InertReactor()), theirs)
+            return _probe(tcp.Connection(ours, None, _InertReactor()), ours, theirs)
         except Exception as e:
             return f"probing tcp.Connection raised {e!r}"
 
 
-def _probe(connection, peer: socket.socket) -> str | None:
+def _probe(connection, ours: socket.socket, peer: socket.socket) -> str | None:
     missing = [name for name in INTERNALS if not hasattr(connection, name)]
     if missing:
         return "tcp.Connection has no " + ", ".join(missing)
@@ -94,15 +94,17 @@ def _probe(connection, peer: socket.socket) -> str | None:
         return f"a new connection's dataBuffer is {connection.dataBuffer!r}, not empty bytes"
     if type(connection._tempDataLen) is not int or connection._tempDataLen:
         return f"a new connection's _tempDataLen is {connection._tempDataLen!r}, not 0"
+    if connection.socket is not ours:
+        return "tcp.Connection.socket is not the socket it was made with"
     connection.connected = 1
-    sent = connection.writeSomeData(b"probe")
+    sent = connection.socket.send(b"probe")
     peer.setblocking(False)
     try:
         received = peer.recv(16)
     except BlockingIOError:
         received = b""
     if sent != 5 or received != b"probe":
-        return f"writeSomeData(b'probe') returned {sent!r} and sent {received!r}"
+        return f"socket.send(b'probe') returned {sent!r} and sent {received!r}"
     # The direct send must see whatever write() has queued, or it would
     # overtake it.
     connection.write(b"queued")
@@ -136,11 +138,15 @@ def direct_writer(transport) -> Callable[[bytes], None]:
     can, and whenever it leaves bytes queued it pauses the transport's
     producer (see L{pausing_writer}).  For any transport other than plain
     TCP, or when L{fast_path} is off, that queueing write alone.
+
+    The send calls the socket itself: C{writeSomeData} would add a
+    memoryview, a retry wrapper for C{EINTR} (which Python retries on its
+    own) and two calls per chunk and player.
     """
     queue = pausing_writer(transport)
     if not _plain_tcp(transport) or not fast_path().on:
         return queue
-    send = transport.writeSomeData
+    send = transport.socket.send
 
     def write(data: bytes) -> None:
         if (
@@ -151,15 +157,59 @@ def direct_writer(transport) -> Callable[[bytes], None]:
         ):
             queue(data)
             return
-        sent = send(data)
-        if isinstance(sent, Exception):
+        try:
+            sent = send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
             # Queue it: the transport then meets the error itself and
             # reports the connection lost through its usual path.
             queue(data)
-        elif sent < len(data):
-            queue(data[sent:])
+            return
+        if sent < len(data):
+            queue(data[sent:] if sent else data)
 
     return write
+
+
+def batch_writer(transport) -> Callable[[list], int] | None:
+    """
+    A C{write_many} for a player that is behind: it hands several buffers
+    to the kernel in one C{sendmsg}, and queues the rest of the first one
+    the kernel does not take whole, which pauses the producer as
+    L{direct_writer} does.  It returns how many buffers it handed over
+    (sent or queued), at least one.  L{None} where L{direct_writer} would
+    not send directly.
+    """
+    if not _plain_tcp(transport) or not fast_path().on:
+        return None
+    queue = pausing_writer(transport)
+    sendmsg = transport.socket.sendmsg
+
+    def write_many(buffers: list) -> int:
+        if (
+            transport.dataBuffer
+            or transport._tempDataLen
+            or transport.disconnecting
+            or not transport.connected
+        ):
+            queue(buffers[0])
+            return 1
+        try:
+            sent = sendmsg(buffers)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            queue(buffers[0])
+            return 1
+        for handed, data in enumerate(buffers, 1):
+            if sent < len(data):
+                queue(data[sent:] if sent else data)
+                return handed
+            sent -= len(data)
+        return len(buffers)
+
+    return write_many
 
 
 def pausing_writer(transport) -> Callable[[bytes], None]:

@@ -10,6 +10,7 @@ every worker.
 
 import math
 from collections import deque
+from itertools import islice
 
 import attrs
 
@@ -207,6 +208,19 @@ class ChunkWindow:
         if 0 <= offset < len(chunks):
             return chunks[offset]
         return None
+
+    def run(self, index: int, limit: int) -> list[Chunk]:
+        """
+        Up to C{limit} consecutive chunks from C{index} on (none when the
+        window does not hold it).
+        """
+        chunks = self._chunks
+        if not chunks:
+            return []
+        offset = index - chunks[0].index
+        if not 0 <= offset < len(chunks):
+            return []
+        return list(islice(chunks, offset, offset + limit))
 
     def clear(self) -> None:
         chunks = self._chunks

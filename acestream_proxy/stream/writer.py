@@ -3,6 +3,11 @@ The owner's path from the engine into the window: each run of packets is
 framed once, appended to the store's ring buffer in order, and delivered to
 this worker's players under the index the store gave it.
 
+Runs of packets are gathered into chunks of about C{chunk_bytes} first, each
+sealed when full or once its first bytes have waited C{chunk_delay}: every
+chunk costs a system call per player, so a few large ones are far cheaper
+than many small ones, for a bounded wait.
+
 The engine reader is this consumer's push producer: while more than
 L{MAX_PENDING} chunks wait for the store, the reader is paused, so a slow
 store never grows our memory.  One append runs at a time: the store may send
@@ -22,7 +27,7 @@ from zope.interface import implementer
 from ..errors import Unavailable
 from ..store.base import Store
 from .fanout import FanOut
-from .window import Chunk, frame
+from .window import Chunk
 
 #: Chunks that may wait for the store before the engine's reader is paused.
 MAX_PENDING = 8
@@ -45,8 +50,13 @@ class StoreWriter:
     clock: object
     fanout: FanOut
     may_append: Callable[[], bool]
+    chunk_bytes: int = 0
+    chunk_delay: float = 0.1
     producer: object = None
     stopped: bool = False
+    _held: list = attrs.field(factory=list, init=False)
+    _held_bytes: int = attrs.field(default=0, init=False)
+    _seal_call: object = attrs.field(default=None, init=False)
     _pending: deque = attrs.field(factory=deque, init=False)
     _appending: bool = attrs.field(default=False, init=False)
 
@@ -60,11 +70,31 @@ class StoreWriter:
 
     def write(self, packets: bytes) -> None:
         """
-        Take a run of whole packets: framed once, here; the store and the
-        fan-out share these bytes.
+        Take a run of whole packets, into the chunk being gathered.
         """
-        framed, start = frame(packets)
-        self._pending.append((framed, start, self.clock.seconds()))
+        if self.stopped:
+            return
+        self._held.append(packets)
+        self._held_bytes += len(packets)
+        if self._held_bytes >= self.chunk_bytes:
+            self._seal()
+        elif self._seal_call is None:
+            self._seal_call = self.clock.callLater(self.chunk_delay, self._seal)
+
+    def _seal(self) -> None:
+        """
+        Close the chunk being gathered: framed once, here, in one copy; the
+        store and the fan-out share these bytes.
+        """
+        if self._seal_call is not None:
+            if self._seal_call.active():
+                self._seal_call.cancel()
+            self._seal_call = None
+        head = b"%x\r\n" % self._held_bytes
+        framed = b"".join([head, *self._held, b"\r\n"])
+        self._held.clear()
+        self._held_bytes = 0
+        self._pending.append((framed, len(head), self.clock.seconds()))
         if len(self._pending) > MAX_PENDING and self.producer is not None:
             self.producer.pauseProducing()
         self.flush()
@@ -95,6 +125,10 @@ class StoreWriter:
         without delivering (the buffer tail that follows reads it back).
         """
         self.stopped = True
+        if self._seal_call is not None and self._seal_call.active():
+            self._seal_call.cancel()
+        self._seal_call = None
+        self._held.clear()
         self._pending.clear()
         self.producer = None
 
