@@ -20,6 +20,7 @@ import attrs
 from .config_checks import (
     ConfigError,
     _check_listen,
+    _check_reuse_port,
     _is_plain,
     _redis_url,
     _show,
@@ -134,11 +135,14 @@ class Config:
 
     @ivar redis: Shared store URL; L{None} keeps state in memory, which suits a
         single daemon.
+    @ivar reuse_port: Listen on C{listen}'s TCP port with C{SO_REUSEPORT}, so
+        that several workers of one host, sharing C{redis}, share the port.
     @ivar admin_token: Bearer token required by administrative requests;
         with L{None} they are accepted from loopback addresses only.
     """
 
     listen: str = "tcp:8000"
+    reuse_port: bool = False
     # Not in the repr: the URL may carry Redis' password.
     redis: str | None = attrs.field(default=None, repr=False)
     admin_token: str | None = None
@@ -179,6 +183,8 @@ def build(file_data: Mapping[str, Any], overrides: Mapping[str, Any] | None = No
     kwargs: dict[str, Any] = {}
     if "listen" in values:
         kwargs["listen"] = _non_empty_string(values["listen"], "listen")
+    if "reuse_port" in values:
+        kwargs["reuse_port"] = values["reuse_port"]
     if "redis" in values:
         kwargs["redis"] = _redis_url(values["redis"])
     if "admin_token" in values:
@@ -192,6 +198,7 @@ def build(file_data: Mapping[str, Any], overrides: Mapping[str, Any] | None = No
     config = Config(**kwargs)
     _check_engine_ids(config.engines)
     _check_listen(config.listen)
+    _check_reuse_port(config.reuse_port, config.listen, config.redis)
     return config
 
 

@@ -12,6 +12,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 from twisted.internet.endpoints import serverFromString
 
+from .http.reuseport import is_tcp
+
 REDIS_SHAPE = (
     "redis://[[user]:password@]host[:port][/db],"
     " rediss://[[user]:password@]host[:port][/db][?ssl_ca_certs=PATH]"
@@ -152,6 +154,30 @@ def _check_listen(listen: str) -> None:
         raise ConfigError(
             f"listen: not a valid endpoint description: {_show(listen)} ({err})"
         ) from None
+
+
+def _check_reuse_port(reuse_port: Any, listen: str, redis: str | None) -> None:
+    """
+    A shared port is for several workers of one host: it needs a TCP
+    endpoint to bind, and Redis, without which each worker would open its
+    own engine session for the same stream.  (Under socket activation the
+    workers share systemd's socket instead.)
+    """
+    if not isinstance(reuse_port, bool):
+        raise ConfigError(f"reuse_port: expected true or false, got {_show(reuse_port)}")
+    if not reuse_port:
+        return
+    if not is_tcp(listen):
+        raise ConfigError(
+            f"reuse_port: applies to a tcp: listen endpoint only, not {_show(listen)}"
+        )
+    if redis is None:
+        raise ConfigError(
+            "reuse_port: needs redis: workers sharing a port must share their streams,"
+            " or each would open its own engine session"
+        )
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise ConfigError("reuse_port: this system has no SO_REUSEPORT")
 
 
 def _check_systemd_listen(listen: str) -> None:

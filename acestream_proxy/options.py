@@ -44,6 +44,14 @@ class Options(usage.Options):
             "Bearer token for administrative requests [default: none: loopback only].",
         ],
     ]
+    optFlags = [
+        [
+            "reuse-port",
+            None,
+            "Listen on the tcp: port with SO_REUSEPORT, shared by several workers"
+            " of this host [needs --redis; default: off].",
+        ],
+    ]
 
     def __init__(self) -> None:
         super().__init__()
@@ -76,6 +84,8 @@ class Options(usage.Options):
                 file_data,
                 {
                     "listen": self["listen"],
+                    # Absent, the flag leaves the file's setting alone.
+                    "reuse_port": True if self["reuse-port"] else None,
                     "redis": self["redis"],
                     "admin_token": self["admin-token"],
                     "engines": engines,

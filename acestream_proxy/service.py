@@ -18,6 +18,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from .config import Config, Tuning
 from .engine.api import EngineAPI, EngineClient
 from .engine.registry import Engine, EngineRegistry
+from .http.reuseport import reuse_port_service
 from .http.routes import make_site
 from .options import Options
 from .store.memory import MemoryStore
@@ -119,7 +120,11 @@ def make_service(config: Config, reactor=None, listen: bool = True) -> MultiServ
     streams = StreamRegistry(store, engines, api, reactor, tuning, worker_id)
     if listen:
         warn_if_loopback_is_admin(config)
-        listener = strports.service(config.listen, make_site(streams, config), reactor=reactor)
+        site = make_site(streams, config)
+        if config.reuse_port:
+            listener = reuse_port_service(reactor, config.listen, site)
+        else:
+            listener = strports.service(config.listen, site, reactor=reactor)
         _named(listener, "http", top)
     _named(streams, "streams", top)
     return top

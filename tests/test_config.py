@@ -84,6 +84,7 @@ def test_defaults():
     config = build({}, {})
     assert config == Config()
     assert config.listen == "tcp:8000"
+    assert config.reuse_port is False
     assert config.redis is None
     assert config.admin_token is None
     assert config.engines == (
@@ -359,6 +360,21 @@ ERRORS = [
     ({"listen": ""}, 'listen: expected a non-empty string, got ""'),
     ({"listen": 8000}, "listen: expected a non-empty string, got 8000"),
     ({"admin_token": ""}, 'admin_token: expected a non-empty string, got ""'),
+    ({"reuse_port": "yes"}, 'reuse_port: expected true or false, got "yes"'),
+    ({"reuse_port": 1, "redis": "redis://h/0"}, "reuse_port: expected true or false, got 1"),
+    (
+        {"reuse_port": True},
+        "reuse_port: needs redis: workers sharing a port must share their streams,"
+        " or each would open its own engine session",
+    ),
+    (
+        {"reuse_port": True, "redis": "redis://h/0", "listen": "systemd:domain=INET:index=0"},
+        'reuse_port: applies to a tcp: listen endpoint only, not "systemd:domain=INET:index=0"',
+    ),
+    (
+        {"reuse_port": True, "redis": "redis://h/0", "listen": "unix:/run/aceproxy.sock"},
+        'reuse_port: applies to a tcp: listen endpoint only, not "unix:/run/aceproxy.sock"',
+    ),
 ]
 
 
@@ -483,6 +499,40 @@ def test_bad_listen(listen):
     assert_one_line(message)
 
 
+@pytest.mark.parametrize(
+    "listen", ["tcp:8000", "tcp:8000:interface=127.0.0.1", "tcp6:8000:interface=\\:\\:"]
+)
+def test_reuse_port_on_tcp_with_redis(listen):
+    config = build({"listen": listen, "reuse_port": True, "redis": "redis://h/0"}, {})
+    assert (config.listen, config.reuse_port) == (listen, True)
+
+
+def test_reuse_port_off_needs_nothing():
+    config = build({"reuse_port": False, "listen": "systemd:domain=INET:index=0"}, {})
+    assert config.reuse_port is False
+
+
+def test_reuse_port_flag(tmp_path):
+    options = Options()
+    options.parseOptions(["--reuse-port", "--redis", "redis://h/0", "--listen", "tcp:8000"])
+    assert options.config.reuse_port is True
+    # Without the flag, the file's setting stands.
+    path = write(tmp_path, 'reuse_port = true\nredis = "redis://h/0"\n')
+    options = Options()
+    options.parseOptions(["--config", path])
+    assert options.config.reuse_port is True
+    options = Options()
+    options.parseOptions([])
+    assert options.config.reuse_port is False
+
+
+def test_reuse_port_flag_without_redis_is_a_usage_error():
+    with pytest.raises(usage.UsageError) as info:
+        Options().parseOptions(["--reuse-port"])
+    assert str(info.value).startswith("reuse_port: needs redis")
+    assert_one_line(str(info.value))
+
+
 def test_missing_file():
     with pytest.raises(ConfigError) as info:
         load_file("/nonexistent/aceproxy.toml")
@@ -583,7 +633,15 @@ def test_options_bad_file_is_usage_error(tmp_path):
 
 def test_options_help_mentions_every_option():
     text = str(Options())
-    for flag in ["--config", "--listen", "--redis", "--engine", "--forwarded-engine", "--admin-token"]:
+    for flag in [
+        "--config",
+        "--listen",
+        "--reuse-port",
+        "--redis",
+        "--engine",
+        "--forwarded-engine",
+        "--admin-token",
+    ]:
         assert flag in text
 
 
@@ -595,6 +653,7 @@ def test_example_file_equals_defaults():
     text = EXAMPLE.read_text(encoding="utf-8")
     for name in ["redis", "admin_token"]:
         assert re.search(rf"^#\s+{name} = ", text, re.MULTILINE)
+    assert re.search(r"^reuse_port = false$", text, re.MULTILINE)
 
 
 KNOWN_KEYS = {field.name for field in attrs.fields(Config)}

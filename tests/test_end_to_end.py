@@ -209,11 +209,23 @@ def spawn(tmp_path):
     """
     started: list[Daemon] = []
 
-    def start(name: str, *arguments: str) -> Daemon:
+    def start(
+        name: str, *arguments: str, executable: str = sys.executable, argv0=None, childFDs=None
+    ) -> Daemon:
+        """
+        Run C{executable} (this interpreter unless told) with C{arguments},
+        after C{argv0} (by default, C{[executable]}); C{childFDs} as
+        C{spawnProcess} takes them.
+        """
         daemon = Daemon(name)
-        argv = [sys.executable, *arguments]
+        argv = [*(argv0 or [executable]), *arguments]
         reactor.spawnProcess(
-            daemon, sys.executable, argv, env=child_environment(), path=str(tmp_path)
+            daemon,
+            executable,
+            argv,
+            env=child_environment(),
+            path=str(tmp_path),
+            childFDs=childFDs,
         )
         started.append(daemon)
         return daemon

@@ -13,12 +13,15 @@ sleep.
 from __future__ import annotations
 
 import signal
+import socket
+import sys
 
 import attrs
 import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.task import LoopingCall, deferLater
 
 from acestream_proxy.store import keys as redis_keys
@@ -27,8 +30,21 @@ from acestream_proxy.stream.stream import Role
 from acestream_proxy.testing.engine import content_tag
 from acestream_proxy.testing.synthetic import verify
 
-from .support import HASHES, Player, check_whole_packets, eventually, start_proxy
-from .test_end_to_end import PROXY_LISTENING, get_json, spawn, twistd  # noqa: F401 (spawn: fixture)
+from .support import (
+    HASHES,
+    Player,
+    check_whole_packets,
+    eventually,
+    start_engine,
+    start_proxy,
+)
+from .test_end_to_end import (  # noqa: F401 (spawn: fixture)
+    PROXY_LISTENING,
+    TWISTD,
+    get_json,
+    spawn,
+    twistd,
+)
 
 KEY = HASHES[0]
 
@@ -570,3 +586,168 @@ async def test_frozen_owner_steps_down_after_a_takeover(engine, redis_server, sp
     assert list(engine.engine.sessions) == [session_id]
     assert engine.engine.playback_connections == 1
     assert stream_meta(client)["owner"] == ids[survivor]
+
+
+# --- worker processes sharing one port ------------------------------------------------
+
+#: Players of the shared-port tests, and the bitrate of their engine: low
+#: enough for the test's own reactor to read them all at once.
+SHARED_PORT_PLAYERS = 40
+SHARED_PORT_BITRATE = 1_000_000
+
+
+@pytest.fixture
+def slow_engine():
+    running = start_engine(bitrate=SHARED_PORT_BITRATE)
+    yield running
+    pytest_twisted.blockon(running.stop())
+
+
+@pytest_twisted.ensureDeferred
+async def test_worker_processes_share_one_port(slow_engine, redis_server, spawn):
+    """
+    Two C{twistd -n aceproxy --reuse-port} processes listen on one port of
+    127.0.0.1 and share one Redis.  Players all connect to that port: the
+    kernel spreads them over both workers, every one of them gets the
+    broadcast gap-free, and the engine sees one session.
+    """
+
+    def worker(name: str, listen: str):
+        return twistd(
+            spawn,
+            name,
+            "aceproxy",
+            "--reuse-port",
+            "--listen", listen,
+            "--redis", redis_server.url,
+            "--engine", slow_engine.url,
+        )
+
+    # The first worker binds a free port, the second one that very port.
+    first = worker("worker-1", "tcp:0:interface=127.0.0.1")
+    port = int((await first.wait_for_line(PROXY_LISTENING, timeout=20)).group(1))
+    second = worker("worker-2", f"tcp:{port}:interface=127.0.0.1")
+    assert int((await second.wait_for_line(PROXY_LISTENING, timeout=20)).group(1)) == port
+
+    per_worker = await players_through_one_port(port, slow_engine, redis_server)
+    assert len(per_worker) == 2 and "" not in per_worker, per_worker
+    await terminate(first, second)
+
+
+@pytest_twisted.ensureDeferred
+async def test_worker_processes_share_a_socket_activation_socket(
+    slow_engine, redis_server, spawn
+):
+    """
+    Two workers handed the same listening socket, as systemd hands
+    C{aceproxy.socket} to each C{aceproxy@N} instance
+    (C{--listen systemd:domain=INET:index=0}), share one Redis: both
+    accept players, every player gets the broadcast gap-free, and the
+    engine sees one session.
+    """
+    listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(128)
+    port = listening.getsockname()[1]
+    try:
+        daemons = [
+            socket_activated(
+                spawn,
+                f"worker-{n}",
+                listening,
+                "--redis", redis_server.url,
+                "--engine", slow_engine.url,
+            )
+            for n in (1, 2)
+        ]
+    finally:
+        listening.close()
+    for daemon in daemons:
+        await daemon.wait_for_line(PROXY_LISTENING, timeout=20)
+
+    await players_through_one_port(port, slow_engine, redis_server)
+    # Whichever worker accepts first gets a connection: each gets some.
+    seen = set()
+    for _ in range(200):
+        response = await treq.get(f"http://127.0.0.1:{port}/health", persistent=False)
+        seen.add((await treq.json_content(response))["worker_id"])
+        if len(seen) == 2:
+            break
+    assert len(seen) == 2, seen
+    await terminate(*daemons)
+
+
+def socket_activated(spawn, name: str, listening: socket.socket, *arguments: str):
+    """
+    C{twistd -n aceproxy --listen systemd:domain=INET:index=0 ARGUMENTS}
+    given C{listening} as its descriptor 3, with C{LISTEN_PID},
+    C{LISTEN_FDS} and C{LISTEN_FDNAMES} as systemd sets them.
+    """
+    command = (
+        'script=$1; shift; '
+        'LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=aceproxy.socket exec "$0" -c "$script" '
+        '-n --pidfile= aceproxy --listen systemd:domain=INET:index=0 "$@"'
+    )
+    return spawn(
+        name,
+        TWISTD,
+        *arguments,
+        executable="/bin/sh",
+        argv0=["/bin/sh", "-c", command, sys.executable],
+        childFDs={0: "w", 1: "r", 2: "r", 3: listening.fileno()},
+    )
+
+
+async def players_through_one_port(port: int, engine, redis_server) -> dict[str, int]:
+    """
+    L{SHARED_PORT_PLAYERS} players of C{KEY} on C{port}, the first one
+    alone (its worker owns the stream), the others at once: each gets the
+    broadcast gap-free, and the engine sees one session.  Returns how many
+    players each worker serves, as their hashes in Redis tell.
+    """
+    url = f"http://127.0.0.1:{port}/ace/getstream?id={KEY}"
+    players = [await Player.open(url)]
+    await players[0].wait_bytes(50 * PACKET_SIZE)
+    players += await gather(*(Player.open(url) for _ in range(SHARED_PORT_PLAYERS - 1)))
+    assert [p.response.code for p in players] == [200] * SHARED_PORT_PLAYERS
+    await gather(*(p.more(100 * PACKET_SIZE) for p in players))
+    for player in players:
+        check(player)
+    assert engine.engine.getstream_calls == [("id", KEY)]
+    assert len(engine.engine.sessions) == 1
+    assert engine.engine.playback_connections == 1
+
+    client = redis_server.client()
+    await eventually(
+        lambda: len(worker_clients(client)) == SHARED_PORT_PLAYERS, what="every player registered"
+    )
+    served = list(worker_clients(client).values())
+    client.close()
+    for player in players:
+        player.disconnect()
+    per_worker = {worker: served.count(worker) for worker in set(served)}
+    print(f"players per worker: {per_worker}")
+    return per_worker
+
+
+async def terminate(*daemons) -> None:
+    """
+    SIGTERM each of C{daemons}; each stops cleanly.
+    """
+    for daemon in daemons:
+        daemon.send_signal("TERM")
+    for daemon in daemons:
+        await daemon.wait_exit(10)
+        assert daemon.stopped_cleanly(), daemon.output()
+
+
+async def gather(*awaitables) -> list:
+    """
+    The results of C{awaitables}, run at once, in order.
+    """
+    results = await DeferredList(
+        [a if isinstance(a, Deferred) else ensureDeferred(a) for a in awaitables],
+        fireOnOneErrback=True,
+        consumeErrors=True,
+    )
+    return [result for _, result in results]
