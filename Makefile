@@ -5,8 +5,10 @@ BIN := $(VENV)/bin
 SOURCES := setup.cfg pyproject.toml $(shell find acestream_proxy twisted -name '*.py')
 TWISTD_ARGS ?=
 PYTEST_ARGS ?=
+# e.g. BENCH_ARGS="--players 1,100 --duration 10 --peer 'acexy=...'" (see README.rst)
+BENCH_ARGS ?=
 
-.PHONY: run test demo bench bench-redis clean
+.PHONY: run test demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,11 +29,9 @@ test: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/python -m acestream_proxy.testing.demo
 
+# One table: every target at 1, 100, 300 and 1000 players, measured in the same run.
 bench: $(VENV)/.installed
-	$(BIN)/python bench/fanout.py
-
-bench-redis: $(VENV)/.installed
-	$(BIN)/python bench/fanout.py --redis --workers 2 --players 1,10,100,500
+	$(BIN)/python bench/fanout.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

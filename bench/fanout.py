@@ -1,359 +1,317 @@
 """
-Fan-out benchmark: one stream, many players.
+Fan-out benchmark: one stream, many players, one table.
 
-Starts the simulated engine and the proxy as separate twistd processes on
-127.0.0.1 (with --redis, a redis-server too and one or two proxy workers
-sharing it), connects N players within the join window (spread over the
-workers), measures for the given duration and prints the figures of
-DESIGN.md's performance bar:
+Every row of the table is measured in the same run, so the rows compare:
+aceproxy with its embedded store, aceproxy with a Redis store and two
+workers, a bare Twisted relay with no buffer (bench/relay.py, the floor),
+and any other proxy given as --peer NAME=COMMAND. Each runs at each number
+of players, the sizes in turn (every target at one size, then the next), so
+that drift on the machine hits all rows alike.
 
-- proxy CPU seconds per player-minute (utime+stime of the proxy process),
-- engine -> player latency p50/p99 (each packet carries the time the engine
-  sent it; measured on the newest packet of every read),
-- time to first byte for players joining the running stream, and whether
-  that byte starts a packet,
-- the proxy's peak RSS,
-- players served gap-free (every data packet in order, none missing or
-  repeated, every packet whole), and the engine sessions opened;
-- with --redis: Redis commands per chunk, and Redis memory for the stream
-  against bitrate x window.
+A run is: the simulated engine (twistd acesim, new for each run, so it
+counts the run's own engine sessions) and the target on 127.0.0.1; the
+first player starts the stream, the others join it within the join window,
+spread over the target's ports; after the settle time the target's CPU is
+measured for the duration. The players run in one or two client processes
+of their own (bench/players.py), which check every packet.
 
-    python bench/fanout.py --players 300 --duration 60
-    python bench/fanout.py --redis --workers 2 --players 1,10,100,500
+    python bench/fanout.py                          # the whole table (make bench)
+    python bench/fanout.py --players 1,20 --duration 5 --targets aceproxy,relay
+    python bench/fanout.py --peer 'acexy=ENGINE_URL={engine} LISTEN={port} ... bash run.sh'
+    python bench/fanout.py --players 300 --targets aceproxy --json out.json
+    python bench/fanout.py -- --config small-window.toml   # extra aceproxy arguments
+
+A peer's COMMAND runs with sh -c; {engine} is replaced with the engine's
+base URL and {port} with the port to listen on (127.0.0.1), also given as
+ENGINE_URL, LISTEN and PORT in its environment. It must serve
+/ace/getstream?id=<40 hex> there within 20 s.
 """
 
 import argparse
+import datetime
 import json
+import math
 import os
-import signal
-import socket
+import platform
+import shutil
 import statistics
-import struct
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
-from twisted.internet import reactor
-from twisted.internet.protocol import ClientFactory, Protocol
+import targets
+from table import LEGEND, format_table, slopes
+from targets import (
+    BUILT_IN,
+    Processes,
+    cpu_seconds,
+    free_port,
+    peak_rss_mb,
+    twistd,
+    wait_http,
+)
 
 KEY = "5e" * 20
-PACKET = 188
-DATA_PID_BYTES = b"\x41\x00"  # payload_unit_start + PID 0x100
-SEQ_OFFSET = 4 + 9 + 4 + 4  # TS header, PES header, magic, content tag
+LATENCY_SAMPLES = 50_000  # packets sampled per client process and run, about
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                response.read()
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-class BenchPlayer(Protocol):
+def plan(players: int, ports: list[int], clients: int, args) -> list[dict]:
     """
-    Reads one chunked TS body, checking continuity per read with slicing
-    (C speed) instead of per packet in Python.
+    The client processes' specs: the first player at once, the others
+    spread over the join window, over the ports and over the clients.
     """
-
-    def __init__(self, bench: "Bench") -> None:
-        self.bench = bench
-        self.head = bytearray()
-        self.in_body = False
-        self.pending = bytearray()  # undecoded chunked bytes
-        self.packets = bytearray()  # decoded bytes not yet whole packets
-        self.chunk_left = 0
-        self.expect_seq = None
-        self.bad = False
-        self.first_byte_at = None
-        self.bytes = 0
-
-    def connectionMade(self) -> None:
-        self.sent_at = time.monotonic()
-        self.transport.write(b"GET /ace/getstream?id=%s HTTP/1.1\r\nHost: bench\r\n\r\n" % KEY.encode())
-
-    def dataReceived(self, data: bytes) -> None:
-        if not self.in_body:
-            self.head += data
-            end = self.head.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            if not self.head.startswith(b"HTTP/1.1 200"):
-                self.bad = True
-                self.transport.loseConnection()
-                return
-            self.in_body = True
-            data = bytes(self.head[end + 4 :])
-        self.pending += data
-        self._dechunk()
-
-    def _dechunk(self) -> None:
-        pending = self.pending
-        pos = 0
-        while pos < len(pending):
-            if self.chunk_left == 0:
-                end = pending.find(b"\r\n", pos)
-                if end < 0:
-                    break
-                line = bytes(pending[pos:end])
-                if not line:  # CRLF that closes the previous chunk
-                    pos = end + 2
-                    continue
-                self.chunk_left = int(line, 16)
-                pos = end + 2
-                if self.chunk_left == 0:
-                    break
-            take = min(self.chunk_left, len(pending) - pos)
-            self.packets += pending[pos : pos + take]
-            self.chunk_left -= take
-            pos += take
-        del pending[:pos]
-        self._check()
-
-    def _check(self) -> None:
-        packets = self.packets
-        whole = len(packets) - len(packets) % PACKET
-        if not whole:
-            return
-        now = time.monotonic()
-        if self.first_byte_at is None:
-            self.first_byte_at = now
-            self.bench.first_bytes.append((now - self.sent_at, packets[0] == 0x47))
-        view = bytes(packets[:whole])
-        del packets[:whole]
-        self.bytes += whole
-        count = whole // PACKET
-        if view[::PACKET] != b"\x47" * count:
-            self.bad = True
-            return
-        # Data packets are those whose PID bytes say 0x100.
-        pids = [view[i + 1 : i + 3] for i in range(0, whole, PACKET)]
-        data_at = [i * PACKET for i, pid in enumerate(pids) if pid == DATA_PID_BYTES]
-        if not data_at:
-            return
-        first = struct.unpack_from(">Q", view, data_at[0] + SEQ_OFFSET)[0]
-        last, sent = struct.unpack_from(">Qd", view, data_at[-1] + SEQ_OFFSET)
-        if self.expect_seq is not None and first != self.expect_seq:
-            self.bad = True
-        if last - first + 1 != len(data_at):
-            self.bad = True
-        self.expect_seq = last + 1
-        if self.bench.measuring:
-            self.bench.latencies.append(time.time() - sent)
-
-    def connectionLost(self, reason) -> None:
-        self.bench.closed += 1
-
-
-class Bench:
-    def __init__(self, args) -> None:
-        self.args = args
-        self.first_bytes = []
-        self.latencies = []
-        self.players = []
-        self.measuring = False
-        self.closed = 0
-
-    def connect(self, port: int) -> None:
-        factory = ClientFactory()
-        factory.protocol = lambda: self._new_player()
-        reactor.connectTCP("127.0.0.1", port, factory)
-
-    def _new_player(self) -> BenchPlayer:
-        player = BenchPlayer(self)
-        self.players.append(player)
-        return player
-
-
-def twistd(*args: str) -> list[str]:
-    return [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=", "-l", "/dev/null", *args]
-
-
-def redis_info(redis, section: str) -> dict:
-    raw = redis("INFO", section).decode()
-    return dict(line.split(":", 1) for line in raw.splitlines() if ":" in line)
-
-
-def redis_commands(redis) -> int:
-    """
-    Commands Redis has run, all kinds together, INFO itself left out.
-    """
-    total = 0
-    for name, value in redis_info(redis, "commandstats").items():
-        if name.startswith("cmdstat_") and name != "cmdstat_info":
-            total += int(value.split(",")[0].split("=")[1])
-    return total
-
-
-def run(args) -> dict:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root)
-    engine_port = free_port()
-    proxy_ports = [free_port() for _ in range(args.workers)]
-    processes = []
-    redis_server = redis = None
-    store_args = []
-    if args.redis:
-        sys.path.insert(0, root)
-        from tests.redis_server import RedisServer
-
-        redis_server = RedisServer().start()
-        redis = redis_server.client()
-        store_args = ["--redis", redis_server.url]
-    engine = subprocess.Popen(
-        twistd("acesim", "--port", f"tcp:{engine_port}:interface=127.0.0.1",
-               "--bitrate", str(args.bitrate), "--batch-ms", str(args.batch_ms)),
-        env=env,
-    )
-    processes.append(engine)
-    proxies = [
-        subprocess.Popen(
-            twistd("aceproxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
-                   "--engine", f"http://127.0.0.1:{engine_port}", *store_args, *args.proxy_args),
-            env=env,
+    specs = [{"key": KEY, "players": []} for _ in range(clients)]
+    step = args.join_window / max(1, players - 1)
+    for n in range(players):
+        at = 0.0 if n == 0 else 0.5 + n * step
+        specs[(n // len(ports)) % clients]["players"].append([n, ports[n % len(ports)], at])
+    measure_at = 0.5 + args.join_window + args.settle
+    packets = args.bitrate / (188 * 8) * args.duration
+    for spec in specs:
+        spec.update(
+            measure_at=measure_at,
+            end_at=measure_at + args.duration,
+            stride=math.ceil(len(spec["players"]) * packets / LATENCY_SAMPLES),
         )
-        for port in proxy_ports
-    ]
-    processes += proxies
+    return specs
+
+
+def sleep_until(moment: float) -> None:
+    time.sleep(max(0.0, moment - time.monotonic()))
+
+
+def run_one(name: str, players: int, args) -> dict:
+    """One target at one size, in processes of its own."""
+    workdir = tempfile.mkdtemp(prefix="aceproxy-bench-")
+    processes = Processes(os.path.join(workdir, "processes.log"))
+    target = targets.make(name, processes, args, players)
+    clients = []
     try:
-        wait_http(f"http://127.0.0.1:{engine_port}/webui/api/service?method=get_version")
-        for port in proxy_ports:
-            wait_http(f"http://127.0.0.1:{port}/health")
-        bench = Bench(args)
-        result = {}
-        key = KEY
-
-        def start():
-            # The first player starts the stream; the rest join it within
-            # the join window, evenly spread, alternating between workers.
-            bench.connect(proxy_ports[0])
-            step = args.join_window / max(1, args.players - 1)
-            for n in range(1, args.players):
-                port = proxy_ports[n % len(proxy_ports)]
-                reactor.callLater(0.5 + n * step, bench.connect, port)
-            reactor.callLater(0.5 + args.join_window + args.settle, measure)
-
-        def measure():
-            bench.measuring = True
-            result["cpu0"] = [cpu_seconds(p.pid) for p in proxies]
-            result["t0"] = time.monotonic()
-            if redis is not None:
-                result["commands0"] = redis_commands(redis)
-                result["index0"] = int(redis("GET", f"ace_proxy:stream:{key}:buffer:index") or 0)
-            reactor.callLater(args.duration, finish)
-
-        def finish():
-            bench.measuring = False
-            cpu = sum(cpu_seconds(p.pid) for p in proxies) - sum(result.pop("cpu0"))
-            elapsed = time.monotonic() - result.pop("t0")
-            with urllib.request.urlopen(f"http://127.0.0.1:{engine_port}/sim/state") as r:
-                sim = json.load(r)
-            lat = sorted(bench.latencies)
-            joined = [t for t, _ in bench.first_bytes[1:]]
-            result.update(
-                players=args.players,
-                workers=args.workers,
-                store="redis" if redis is not None else "memory",
-                bitrate=args.bitrate,
-                duration=round(elapsed, 1),
-                cpu_per_player_minute=round(cpu / (args.players * elapsed / 60), 4),
-                proxy_cpu_percent=round(100 * cpu / elapsed, 1),
-                latency_p50=round(lat[len(lat) // 2], 4) if lat else None,
-                latency_p99=round(lat[int(len(lat) * 0.99)], 4) if lat else None,
-                first_byte_p50=round(statistics.median(joined), 4) if joined else None,
-                first_byte_on_packet_boundary=all(ok for _, ok in bench.first_bytes),
-                peak_rss_mb=max(round(peak_rss_mb(p.pid), 1) for p in proxies),
-                gap_free_players=sum(1 for p in bench.players if not p.bad and p.bytes),
-                engine_sessions=len(sim.get("sessions", {})),
+        engine_port = free_port()
+        engine = processes.start(
+            twistd("acesim", "--port", f"tcp:{engine_port}:interface=127.0.0.1",
+                   "--bitrate", str(args.bitrate), "--batch-ms", str(args.batch_ms)),
+            env=dict(os.environ, PYTHONPATH=targets.ROOT),
+        )
+        engine_url = f"http://127.0.0.1:{engine_port}"
+        wait_http(f"{engine_url}/webui/api/service?method=get_version", process=engine)
+        ports = target.start(engine_url)
+        specs = plan(players, ports, min(args.clients, players), args)
+        for spec in specs:
+            client = subprocess.Popen(
+                [sys.executable, os.path.join(targets.BENCH, "players.py")],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             )
-            if redis is not None:
-                chunks = int(redis("GET", f"ace_proxy:stream:{key}:buffer:index") or 0) - result.pop("index0")
-                commands = redis_commands(redis) - result.pop("commands0")
-                held = sum(
-                    redis("STRLEN", name) for name in redis("KEYS", f"ace_proxy:stream:{key}:buffer:chunk:*")
-                )
-                result.update(
-                    redis_commands_per_chunk=round(commands / max(1, chunks), 2),
-                    redis_used_memory_mb=round(int(redis_info(redis, "memory")["used_memory"]) / 2**20, 1),
-                    redis_chunk_bytes_mb=round(held / 2**20, 1),
-                    bitrate_x_window_mb=round(args.bitrate / 8 * min(args.window_seconds, elapsed + args.settle + args.join_window + 0.5) / 2**20, 1),
-                )
-            for player in bench.players:
-                player.transport.loseConnection()
-            reactor.callLater(0.2, reactor.stop)
+            clients.append(client)
+            client.stdin.write(json.dumps(spec) + "\n")
+            client.stdin.flush()
+        for client in clients:
+            if client.stdout.readline().strip() != "ready":
+                raise RuntimeError("a client process did not start")
+        t0 = time.monotonic() + 0.1
+        for client in clients:
+            client.stdin.write(f"{t0!r}\n")
+            client.stdin.flush()
 
-        reactor.callWhenRunning(start)
-        reactor.run()
+        sleep_until(t0 + specs[0]["measure_at"])
+        cpu0 = {pid: cpu_seconds(pid) for pid in target.pids()}
+        counters0 = target.counters()
+        started = time.monotonic()
+        sleep_until(t0 + specs[0]["end_at"])
+        pids = target.pids()
+        cpu = sum(cpu_seconds(pid) - cpu0.get(pid, 0.0) for pid in pids)
+        elapsed = time.monotonic() - started
+        rss = [peak_rss_mb(pid) for pid in pids]
+        counters1 = target.counters()
+        with urllib.request.urlopen(f"{engine_url}/sim/state", timeout=10) as response:
+            sim = json.load(response)
+        outcomes = []
+        for client in clients:
+            out, _ = client.communicate(timeout=30)
+            outcomes.append(json.loads(out))
+        result = summarise(name, players, args, outcomes, cpu, elapsed, rss, sim)
+        result["processes"] = len(pids)
+        if counters0:
+            chunks = counters1["chunks"] - counters0["chunks"]
+            result.update(
+                redis_commands_per_chunk=round((counters1["redis_commands"] - counters0["redis_commands"])
+                                               / max(1, chunks), 2),
+                redis_cpu_percent=round(100 * (counters1["redis_cpu_s"] - counters0["redis_cpu_s"]) / elapsed, 1),
+                redis_used_memory_mb=counters1["redis_used_memory_mb"],
+            )
         return result
+    except Exception as e:  # noqa: BLE001 -- a failed run is a row of the table
+        return {"target": name, "players": players, "error": f"{type(e).__name__}: {e}",
+                "log": processes.log_tail()}
     finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        if redis_server is not None:
-            redis.close()
-            redis_server.stop()
+        for client in clients:
+            if client.poll() is None:
+                client.kill()
+            client.wait()
+        processes.stop()
+        target.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def summarise(name, players, args, outcomes, cpu, elapsed, rss, sim) -> dict:
+    latencies = sorted(x for o in outcomes for x in o["latencies"])
+    first_bytes = {index: t for o in outcomes for index, t in o["first_bytes"]}
+    joiners = [t for index, t in first_bytes.items() if index != 0]
+    first = first_bytes.get(0)
+    first_byte = statistics.median(joiners) if players > 1 and joiners else first if players == 1 else None
+    problems = {}
+    for outcome in outcomes:
+        for kind, (count, index, words) in outcome["problems"].items():
+            seen = problems.setdefault(kind, [0, index, words])
+            seen[0] += count
+
+    def percentile(p: float):
+        return round(latencies[min(len(latencies) - 1, int(len(latencies) * p))], 4) if latencies else None
+
+    return {
+        "target": name,
+        "players": players,
+        "duration": round(elapsed, 2),
+        "cpu_s": round(cpu, 3),
+        "cpu_per_player_minute": round(cpu / (players * elapsed / 60), 5),
+        "cpu_percent": round(100 * cpu / elapsed, 1),
+        "peak_rss_mb": round(max(rss), 1) if rss else None,
+        "peak_rss_sum_mb": round(sum(rss), 1),
+        "latency_p50": percentile(0.5),
+        "latency_p99": percentile(0.99),
+        "latency_samples": len(latencies),
+        "first_byte_p50_ms": None if first_byte is None else round(first_byte * 1000, 2),
+        "first_byte_first_player_ms": None if first is None else round(first * 1000, 2),
+        "gap_free": sum(o["gap_free"] for o in outcomes),
+        "connected": sum(o["connected"] for o in outcomes),
+        "connect_failures": sum(o["failed"] for o in outcomes),
+        "misaligned_starts": sum(o["misaligned_starts"] for o in outcomes),
+        "problems": problems,
+        "received_mb": round(sum(o["bytes"] for o in outcomes) / 2**20, 1),
+        "engine_sessions": len(sim["getstream_calls"]),
+        "engine_sessions_open": len(sim["sessions"]),
+        "client_processes": len(outcomes),
+        "client_cpu_percent": [round(o["cpu_percent"], 1) for o in outcomes],
+    }
+
+
+def machine() -> dict:
+    import twisted
+
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "twisted": twisted.__version__,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="minutes"),
+    }
+
+
+def notes(results: list[dict]) -> list[str]:
+    """What the table does not show: misaligned starts, problems, the client's load."""
+    lines = []
+    for r in results:
+        if r.get("error"):
+            lines.append(f"{r['target']} at {r['players']}: {r['error']}")
+            continue
+        if r["misaligned_starts"]:
+            lines.append(f"{r['target']} at {r['players']}: {r['misaligned_starts']} players started"
+                         " mid-packet (resynchronised, tolerated)")
+        if r["gap_free"] < r["players"]:
+            problems = "; ".join(f"{count} x {kind} (first: player {index}, {words})"
+                                 for kind, (count, index, words) in list(r["problems"].items())[:3])
+            lines.append(f"{r['target']} at {r['players']}: not gap-free: {problems}")
+    measured = [r for r in results if not r.get("error")]
+    if measured:
+        busiest = max(measured, key=lambda r: max(r["client_cpu_percent"]))
+        lines.append(
+            f"bench client: at most {max(busiest['client_cpu_percent']):.0f}% of a core per client process"
+            f" ({busiest['target']} at {busiest['players']}, {busiest['client_processes']} process(es))"
+        )
+    return lines
+
+
+def report(results: list[dict], info: dict, args) -> str:
+    lines = [
+        (f"Machine: {info['cpus']} CPUs, {info['cpu_model']}, Python {info['python']},"
+         f" Twisted {info['twisted']}, {info['date']}"),
+        (f"One {args.bitrate / 1e6:g} Mbit/s stream in {args.batch_ms:g} ms batches; players join within"
+         f" {args.join_window:g} s, {args.settle:g} s settle, {args.duration:g} s measured per run."),
+        "",
+        format_table(results),
+        "",
+        LEGEND,
+    ]
+    if "aceproxy-redis" in args.rows:
+        lines.append(f"aceproxy-redis: {args.redis_workers} workers, players spread over them;"
+                     " its redis-server is not counted.")
+    slope = slopes(results)
+    if slope:
+        lines += ["", *slope]
+    extra = notes(results)
+    if extra:
+        lines += ["", *extra]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--players", default="1,100,300,1000", help="numbers of players, one run each per target")
+    parser.add_argument("--targets", help=f"rows, in order (default: {','.join(BUILT_IN)}, then every peer)")
+    parser.add_argument("--peer", action="append", default=[], metavar="NAME=COMMAND",
+                        help="another proxy to measure (repeatable); see above")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds measured per run")
+    parser.add_argument("--join-window", type=float, default=1.0)
+    parser.add_argument("--settle", type=float, default=2.0, help="seconds after the last join before measuring")
+    parser.add_argument("--bitrate", type=int, default=4_000_000)
+    parser.add_argument("--batch-ms", type=float, default=50)
+    parser.add_argument("--redis-workers", type=int, default=2, help="aceproxy workers of the aceproxy-redis row")
+    parser.add_argument("--clients", type=int, default=1,
+                        help="client processes the players are split over, each with its own reactor")
+    parser.add_argument("--json", metavar="FILE", help="write every run's raw result there")
+    parser.add_argument("proxy_args", nargs="*", help="extra aceproxy arguments (after --)")
+    args = parser.parse_args(argv)
+    args.sizes = [int(n) for n in args.players.split(",")]
+    if min(args.sizes) < 1 or args.clients < 1:
+        parser.error("--players and --clients must be positive")
+    args.peers = {}
+    for peer in args.peer:
+        name, sep, command = peer.partition("=")
+        if not sep or not name or not command:
+            parser.error(f"--peer wants NAME=COMMAND, not {peer!r}")
+        if name in BUILT_IN or name in args.peers:
+            parser.error(f"--peer {name!r}: that name is taken")
+        args.peers[name] = command
+    args.rows = args.targets.split(",") if args.targets else [*BUILT_IN, *args.peers]
+    for name in args.rows:
+        if name not in BUILT_IN and name not in args.peers:
+            parser.error(f"unknown target {name!r}: one of {', '.join([*BUILT_IN, *args.peers])}")
+    return args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--players", default="300", help="a number, or several separated by commas (one run each)")
-    parser.add_argument("--bitrate", type=int, default=4_000_000)
-    parser.add_argument("--batch-ms", type=float, default=50)
-    parser.add_argument("--join-window", type=float, default=1.0)
-    parser.add_argument("--settle", type=float, default=2.0, help="seconds after the last join before measuring")
-    parser.add_argument("--duration", type=float, default=30.0)
-    parser.add_argument("--redis", action="store_true", help="use a Redis store (starts redis-server)")
-    parser.add_argument("--workers", type=int, default=1, help="proxy processes sharing the stream (needs --redis)")
-    parser.add_argument(
-        "--window-seconds", type=float, default=50.0,
-        help="the buffer window in seconds (buffer_chunks x batch, capped by chunk_ttl), for the memory comparison",
-    )
-    parser.add_argument("proxy_args", nargs="*", help="extra aceproxy arguments (after --)")
-    args = parser.parse_args()
-    if args.workers > 1 and not args.redis:
-        parser.error("--workers above 1 needs --redis")
-    counts = [int(n) for n in args.players.split(",")]
-    if len(counts) == 1:
-        args.players = counts[0]
-        print(json.dumps(run(args), indent=2))
-        return
-    # A reactor runs once per process: one child process per run.
-    for count in counts:
-        argv = [a for a in sys.argv[1:]]
-        at = argv.index("--players")
-        argv[at + 1] = str(count)
-        out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, check=True)
-        print(json.dumps(json.loads(out.stdout)), flush=True)
+    args = parse_args()
+    info = machine()
+    runs = [(players, name) for players in args.sizes for name in args.rows]
+    results = []
+    for number, (players, name) in enumerate(runs, 1):
+        print(f"[{number}/{len(runs)}] {name}, {players} players", file=sys.stderr, flush=True)
+        results.append(run_one(name, players, args))
+        if results[-1].get("error"):
+            print(f"  failed: {results[-1]['error']}\n{results[-1]['log']}", file=sys.stderr, flush=True)
+    print(report(results, info, args), flush=True)
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k not in ("peer",)}
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "settings": settings, "runs": results}, f, indent=2)
 
 
 if __name__ == "__main__":
