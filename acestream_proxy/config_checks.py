@@ -10,8 +10,6 @@ import socket
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from twisted.internet.endpoints import serverFromString
-
 REDIS_SHAPE = (
     "redis://[[user]:password@]host[:port][/db],"
     " rediss://[[user]:password@]host[:port][/db][?ssl_ca_certs=PATH]"
@@ -131,7 +129,7 @@ def _is_plain(url: str) -> bool:
     return not any(c.isspace() or not c.isprintable() for c in url)
 
 
-def _check_listen(listen: str) -> None:
+def check_listen(listen: str) -> None:
     """
     Parse the endpoint description now (parsing does not listen) so that a
     typo is reported at startup with the key's name.
@@ -140,11 +138,16 @@ def _check_listen(listen: str) -> None:
     its arguments are checked; the descriptor is looked up when listening.
     (Asking L{twisted.python.systemd.ListenFDs} here is no option: reading
     the environment consumes it.)
+
+    The reactor and Twisted's endpoints are imported here, not with this
+    module: the daemon decides whether it loads TLS before they are
+    (L{acestream_proxy.tap.forgo_tls_unless_needed}).
     """
     if listen.split(":", 1)[0].lower() == "systemd":
         _check_systemd_listen(listen)
         return
     from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
 
     try:
         serverFromString(reactor, listen)

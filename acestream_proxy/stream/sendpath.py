@@ -140,26 +140,40 @@ def direct_writer(transport) -> Callable[[bytes], None]:
     queue = pausing_writer(transport)
     if not _plain_tcp(transport) or not fast_path().on:
         return queue
-    send = transport.writeSomeData
+    return _DirectWrite(transport, transport.writeSomeData, queue)
 
-    def write(data: bytes) -> None:
+
+class _DirectWrite:
+    """
+    The write of L{direct_writer}: one small object per player (its
+    transport's C{writeSomeData} and queueing write taken once) rather
+    than closures and their cells.
+    """
+
+    __slots__ = ("transport", "send", "queue")
+
+    def __init__(self, transport, send: Callable[[bytes], object], queue: Callable[[bytes], None]):
+        self.transport = transport
+        self.send = send
+        self.queue = queue
+
+    def __call__(self, data: bytes) -> None:
+        transport = self.transport
         if (
             transport.dataBuffer
             or transport._tempDataLen
             or transport.disconnecting
             or not transport.connected
         ):
-            queue(data)
+            self.queue(data)
             return
-        sent = send(data)
+        sent = self.send(data)
         if isinstance(sent, Exception):
             # Queue it: the transport then meets the error itself and
             # reports the connection lost through its usual path.
-            queue(data)
+            self.queue(data)
         elif sent < len(data):
-            queue(data[sent:])
-
-    return write
+            self.queue(data[sent:])
 
 
 def pausing_writer(transport) -> Callable[[bytes], None]:
@@ -197,16 +211,28 @@ def pausing_writer(transport) -> Callable[[bytes], None]:
     write = transport.write
     if not _plain_descriptor(transport):
         return write
+    return _PausingWrite(transport, write)
 
-    def queue(data: bytes) -> None:
+
+class _PausingWrite:
+    """
+    The write of L{pausing_writer}, as one small object per player.
+    """
+
+    __slots__ = ("transport", "write")
+
+    def __init__(self, transport, write: Callable[[bytes], None]):
+        self.transport = transport
+        self.write = write
+
+    def __call__(self, data: bytes) -> None:
+        transport = self.transport
         limit = transport.bufferSize
         transport.bufferSize = 0
         try:
-            write(data)
+            self.write(data)
         finally:
             transport.bufferSize = limit
-
-    return queue
 
 
 def _plain_tcp(transport) -> bool:
