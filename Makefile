@@ -15,9 +15,13 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # Reinstalled (not editable) whenever a source changes, so that twistd finds the
-# installed plugins exactly as a user's installation would.
+# installed plugins exactly as a user's installation would.  twistd's plugin
+# cache is rebuilt then, not by the next twistd: rebuilding it imports every
+# plugin module, Twisted's endpoints among them, which load the TLS stack
+# before the daemon decides whether it needs it.
 $(VENV)/.installed: $(BIN)/python $(SOURCES)
 	$(BIN)/pip install -q '.[test]'
+	$(BIN)/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
 	@touch $@
 
 run: $(VENV)/.installed

@@ -19,8 +19,8 @@ import attrs
 
 from .config_checks import (
     ConfigError,
-    _check_listen,
     _check_reuse_port,
+    check_listen,
     _is_plain,
     _redis_url,
     _show,
@@ -176,6 +176,18 @@ def build(file_data: Mapping[str, Any], overrides: Mapping[str, Any] | None = No
     C{engines} are L{EngineConfig}s and replace the file's engines entirely,
     because merging two lists of engines would be guesswork.
     """
+    config = assemble(file_data, overrides)
+    check_listen(config.listen)
+    return config
+
+
+def assemble(file_data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Config:
+    """
+    L{build} but for the check of C{listen}, which parses the endpoint
+    description and so imports Twisted's endpoints, and with them the TLS
+    stack if it is importable: for a caller that decides what the process
+    imports first (L{acestream_proxy.tap}).  Follow it with L{check_listen}.
+    """
     _reject_unknown(file_data, _names(Config), "")
     given = {k: v for k, v in (overrides or {}).items() if v is not None and v != []}
     _reject_unknown(given, _names(Config) - {"tuning"}, "", what="override")
@@ -197,7 +209,6 @@ def build(file_data: Mapping[str, Any], overrides: Mapping[str, Any] | None = No
         kwargs["tuning"] = _tuning(file_data["tuning"])
     config = Config(**kwargs)
     _check_engine_ids(config.engines)
-    _check_listen(config.listen)
     _check_reuse_port(config.reuse_port, config.listen, config.redis)
     return config
 

@@ -10,10 +10,6 @@ import socket
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from twisted.internet.endpoints import serverFromString
-
-from .http.reuseport import is_tcp
-
 REDIS_SHAPE = (
     "redis://[[user]:password@]host[:port][/db],"
     " rediss://[[user]:password@]host[:port][/db][?ssl_ca_certs=PATH]"
@@ -133,7 +129,7 @@ def _is_plain(url: str) -> bool:
     return not any(c.isspace() or not c.isprintable() for c in url)
 
 
-def _check_listen(listen: str) -> None:
+def check_listen(listen: str) -> None:
     """
     Parse the endpoint description now (parsing does not listen) so that a
     typo is reported at startup with the key's name.
@@ -142,11 +138,16 @@ def _check_listen(listen: str) -> None:
     its arguments are checked; the descriptor is looked up when listening.
     (Asking L{twisted.python.systemd.ListenFDs} here is no option: reading
     the environment consumes it.)
+
+    The reactor and Twisted's endpoints are imported here, not with this
+    module: the daemon decides whether it loads TLS before they are
+    (L{acestream_proxy.tap.forgo_tls_unless_needed}).
     """
     if listen.split(":", 1)[0].lower() == "systemd":
         _check_systemd_listen(listen)
         return
     from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
 
     try:
         serverFromString(reactor, listen)
@@ -154,6 +155,17 @@ def _check_listen(listen: str) -> None:
         raise ConfigError(
             f"listen: not a valid endpoint description: {_show(listen)} ({err})"
         ) from None
+
+
+#: The endpoint types a shared port applies to, as C{listen} names them.
+TCP_TYPES = ("tcp", "tcp6")
+
+
+def is_tcp(description: str) -> bool:
+    """
+    Whether the endpoint description C{description} is a TCP one.
+    """
+    return description.split(":", 1)[0].lower() in TCP_TYPES
 
 
 def _check_reuse_port(reuse_port: Any, listen: str, redis: str | None) -> None:

@@ -5,8 +5,8 @@ validated into a L{Config} before anything starts.
 
 from twisted.python import usage
 
-from .config import build, engine_from_url, load_file
-from .config_checks import REDIS_SHAPE, ConfigError
+from .config import Config, assemble, engine_from_url, load_file
+from .config_checks import REDIS_SHAPE, ConfigError, check_listen
 
 
 class Options(usage.Options):
@@ -80,7 +80,7 @@ class Options(usage.Options):
                 )
                 for url, forwarded in self["engine-flags"]
             ]
-            self.config = build(
+            config = assemble(
                 file_data,
                 {
                     "listen": self["listen"],
@@ -91,5 +91,17 @@ class Options(usage.Options):
                     "engines": engines,
                 },
             )
+            self.assembled(config)
+            check_listen(config.listen)
         except ConfigError as err:
             raise usage.UsageError(str(err)) from None
+        self.config = config
+
+    def assembled(self, config: Config) -> None:
+        """
+        Called with the configuration before its C{listen} endpoint is
+        parsed, which is the first thing here to import Twisted's
+        networking modules.  Nothing by default; the daemon's options
+        decide there whether the process loads TLS
+        (L{acestream_proxy.tap.Options}).
+        """

@@ -10,7 +10,7 @@ import resource
 import uuid
 
 from twisted.application import strports
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import succeed
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -20,12 +20,10 @@ from .engine.api import EngineAPI, EngineClient
 from .engine.registry import Engine, EngineRegistry
 from .http.reuseport import reuse_port_service
 from .http.routes import make_site
-from .options import Options
 from .store.memory import MemoryStore
-from .store.redis import RedisStore
 from .stream.registry import StreamRegistry
 
-__all__ = ["Options", "makeService", "make_service"]
+__all__ = ["make_service", "make_store"]
 
 log = Logger()
 
@@ -67,6 +65,8 @@ class _ConnectionPool(Service):
 def make_store(config: Config, reactor, worker_id: str):
     """
     The embedded store, or the Redis store when C{redis} is configured.
+    The Redis store (txredisapi and, through it, Twisted's TLS module) is
+    imported only then.
     """
     tuning = config.tuning
     if config.redis is None:
@@ -78,6 +78,8 @@ def make_store(config: Config, reactor, worker_id: str):
             buffer_bytes=tuning.buffer_bytes,
             buffer_seconds=tuning.buffer_seconds,
         )
+    from .store.redis import RedisStore
+
     return RedisStore(
         url=config.redis,
         reactor=reactor,
@@ -214,10 +216,3 @@ def raise_file_limit(tuning: Tuning) -> None:
 def _named(service: Service, name: str, parent: MultiService) -> None:
     service.setName(name)
     service.setServiceParent(parent)
-
-
-def makeService(options: Options) -> IService:
-    """
-    The twistd plugin's entry point.
-    """
-    return make_service(options.config)

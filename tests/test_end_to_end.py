@@ -255,7 +255,7 @@ async def start_sim_daemon(spawn) -> tuple[Daemon, str]:
     return sim, f"http://127.0.0.1:{match.group(1)}"
 
 
-async def start_proxy_daemon(spawn, engine_url: str) -> tuple[Daemon, str]:
+async def start_proxy_daemon(spawn, engine_url: str, *arguments: str) -> tuple[Daemon, str]:
     proxy = twistd(
         spawn,
         "aceproxy",
@@ -264,6 +264,7 @@ async def start_proxy_daemon(spawn, engine_url: str) -> tuple[Daemon, str]:
         "tcp:0:interface=127.0.0.1",
         "--engine",
         engine_url,
+        *arguments,
     )
     match = await proxy.wait_for_line(PROXY_LISTENING)
     return proxy, f"http://127.0.0.1:{match.group(1)}"
@@ -354,6 +355,76 @@ async def test_help_lists_the_options(spawn):
     output = proxy.output()
     for option in ("--listen=", "--engine=", "--forwarded-engine=", "--config="):
         assert option in output, output
+
+
+# --- what the daemon loads --------------------------------------------------
+
+#: The compiled part of the TLS stack (cryptography's bindings, OpenSSL
+#: linked in), mapped into a process once it imports pyOpenSSL.
+TLS_LIBRARY = re.compile(r"/cryptography/hazmat/bindings/[^/]*\.so$|/_openssl[^/]*\.so$", re.M)
+
+
+def tls_mapped(daemon: Daemon) -> list[str]:
+    maps = Path(f"/proc/{daemon.transport.pid}/maps").read_text()
+    return sorted(set(TLS_LIBRARY.findall(maps)))
+
+
+async def refresh_plugin_cache(spawn) -> None:
+    """
+    Bring twistd's plugin cache up to date first, as an installation does:
+    with a stale one, twistd imports every plugin module, Twisted's own
+    among them, and those import the TLS stack before the daemon decides.
+    """
+    refresh = spawn(
+        "plugin cache",
+        "-c",
+        "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))",
+    )
+    assert await refresh.wait_exit(30) == 0, refresh.output()
+
+
+needs_proc = pytest.mark.skipif(
+    not Path("/proc/self/maps").exists(), reason="reads /proc/<pid>/maps"
+)
+
+
+@needs_proc
+@pytest_twisted.ensureDeferred
+async def test_daemon_with_plain_http_urls_loads_no_tls(spawn):
+    """
+    With an http engine and the embedded store, the daemon never maps the
+    TLS stack, and serves players all the same.
+    """
+    await refresh_plugin_cache(spawn)
+    _, sim_url = await start_sim_daemon(spawn)
+    proxy, proxy_url = await start_proxy_daemon(spawn, sim_url)
+    player = await Player.open(f"{proxy_url}/ace/getstream?id={KEY}")
+    assert player.response.code == 200, proxy.output()
+    await player.wait_bytes(ONE_SECOND_BYTES // 4)
+    check_stream(bytes(player.data))
+    assert tls_mapped(proxy) == [], proxy.output()
+    player.disconnect()
+
+
+@needs_proc
+@pytest.mark.parametrize(
+    ("engine", "arguments"),
+    [
+        ("https://127.0.0.1:9", ()),
+        ("http://127.0.0.1:9", ("--redis", "rediss://127.0.0.1:9")),
+    ],
+    ids=["https engine", "rediss store"],
+)
+@pytest_twisted.ensureDeferred
+async def test_daemon_that_may_use_tls_loads_it(spawn, engine, arguments):
+    """
+    An https engine or a Redis store (here, neither reachable) keeps TLS
+    available: the daemon has it loaded once it listens.
+    """
+    await refresh_plugin_cache(spawn)
+    proxy, proxy_url = await start_proxy_daemon(spawn, engine, *arguments)
+    assert (await treq.get(proxy_url + "/health").addTimeout(5, reactor)).code in (200, 503)
+    assert tls_mapped(proxy) != [], proxy.output()
 
 
 # --- make demo ---------------------------------------------------------------

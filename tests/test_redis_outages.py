@@ -30,10 +30,10 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
-from acestream_proxy import service as service_module
 from acestream_proxy.config import build
 from acestream_proxy.config_checks import ConfigError
 from acestream_proxy.store import keys
+from acestream_proxy.store import redis as redis_module
 from acestream_proxy.store.address import RedisAddress
 from acestream_proxy.store.redis import RedisStore
 from acestream_proxy.stream.mpegts import PACKET_SIZE
@@ -90,10 +90,11 @@ def no_traceback(logged):
 def quick_timeout(monkeypatch):
     """
     The daemon's Redis store with a 1 s command timeout instead of 5 s, so
-    that a freeze is noticed sooner.
+    that a freeze is noticed sooner.  (The daemon imports the Redis store
+    when it makes one.)
     """
     monkeypatch.setattr(
-        service_module, "RedisStore", functools.partial(RedisStore, op_timeout=1.0)
+        redis_module, "RedisStore", functools.partial(RedisStore, op_timeout=1.0)
     )
     return 1.0
 

@@ -16,7 +16,8 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol
 
 from acestream_proxy.config import Config
-from acestream_proxy.http.reuseport import ReusePortEndpoint, is_tcp
+from acestream_proxy.config_checks import is_tcp
+from acestream_proxy.http.reuseport import ReusePortEndpoint
 from acestream_proxy.service import make_service
 
 from .support import eventually

@@ -18,16 +18,6 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from zope.interface import implementer
 
-#: The endpoint types a shared port applies to, as C{listen} names them.
-TCP_TYPES = ("tcp", "tcp6")
-
-
-def is_tcp(description: str) -> bool:
-    """
-    Whether the endpoint description C{description} is a TCP one.
-    """
-    return description.split(":", 1)[0].lower() in TCP_TYPES
-
 
 @implementer(IStreamServerEndpoint)
 @attrs.frozen

@@ -12,7 +12,6 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import attrs
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFromCertificates
 
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
@@ -78,6 +77,9 @@ class RedisAddress:
         endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
         if not self.tls:
             return endpoint
+        # Imported for rediss only: pyOpenSSL is loaded when TLS is used.
+        from twisted.internet.ssl import optionsForClientTLS
+
         return wrapClientTLS(
             optionsForClientTLS(self.host, trustRoot=self._trust_root()), endpoint, clock=reactor
         )
@@ -88,6 +90,8 @@ class RedisAddress:
         """
         if self.ca_certs is None:
             return None
+        from twisted.internet.ssl import Certificate, trustRootFromCertificates
+
         try:
             with open(self.ca_certs, "rb") as f:
                 found = _PEM_CERTIFICATE.findall(f.read())

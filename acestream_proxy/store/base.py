@@ -7,6 +7,7 @@ offers the same L{Store} interface so that several workers can share streams.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -233,6 +234,8 @@ class RingBuffer(Protocol):
 def _plain(fields: Fields) -> dict:
     """
     Field names as plain text (they are often L{StrEnum} members), as a
-    Redis hash would hold them.
+    Redis hash would hold them.  Interned: C{str()} of a member makes a new
+    string each time, and the embedded store keeps a record of these names
+    for every player.
     """
-    return {str(name): value for name, value in fields.items()}
+    return {sys.intern(str(name)): value for name, value in fields.items()}

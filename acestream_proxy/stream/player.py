@@ -74,7 +74,13 @@ class PlayerProducer:
     _counted: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.done = Deferred(lambda _: self._detach())
+        self.done = Deferred(self._cancelled)
+
+    def _cancelled(self, done: Deferred) -> None:
+        """
+        C{done} was cancelled (the player's connection is gone): detach.
+        """
+        self._detach()
 
     def start(self) -> None:
         """

@@ -9,7 +9,7 @@ from twisted.application.service import ServiceMaker
 
 aceproxy = ServiceMaker(
     "AceStream multiplexing proxy",
-    "acestream_proxy.service",
+    "acestream_proxy.tap",
     "Serve many players from one AceStream engine session per stream.",
     "aceproxy",
 )

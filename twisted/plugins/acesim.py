@@ -1,130 +1,16 @@
 """
-C{twistd acesim}: run the simulated AceStream engine as a daemon, for demos
-and for end-to-end tests of the proxy against a separate process.
+The C{acesim} twistd plugin: C{twistd -n acesim --help}.
 
-    twistd -n acesim --port 6878 --fault playback_stall
+Only the L{ServiceMaker} is built here: twistd's plugin scan imports every
+plugin, and the simulated engine (Klein, the reactor) would otherwise be
+imported by every C{twistd} command, C{twistd aceproxy} among them.
 """
 
-from __future__ import annotations
+from twisted.application.service import ServiceMaker
 
-import attrs
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, IServiceMaker
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.internet.protocol import Factory
-from twisted.logger import Logger
-from twisted.plugin import IPlugin
-from twisted.python import usage
-from twisted.web.server import Site
-from zope.interface import implementer
-
-from acestream_proxy.testing.engine import FAULTS, SimulatedEngine
-
-DEFAULT_ENDPOINT = "tcp:6878:interface=127.0.0.1"
-
-
-def _endpoint_description(port: str) -> str:
-    """
-    A bare port number means the loopback interface, like the default: a
-    simulated engine has no business listening on the network.
-    """
-    if port.isdigit():
-        return f"tcp:{port}:interface=127.0.0.1"
-    return port
-
-
-class Options(usage.Options):
-    """Command line of C{twistd acesim}."""
-
-    optParameters = [
-        [
-            "port",
-            "p",
-            DEFAULT_ENDPOINT,
-            "Port number (on 127.0.0.1) or Twisted server endpoint to listen on.",
-        ],
-        ["bitrate", "b", 4_000_000, "Bits per second of each playback stream.", int],
-        ["batch-ms", None, 50.0, "Milliseconds between two writes of a stream.", float],
-    ]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self["faults"] = []
-
-    def opt_fault(self, name: str) -> None:
-        """
-        Start with this fault switched on (repeatable). One of:
-        """
-        if name not in FAULTS:
-            raise usage.UsageError(
-                f"unknown fault {name!r}; known: {', '.join(sorted(FAULTS))}"
-            )
-        self["faults"].append(name)
-
-    opt_fault.__doc__ = (opt_fault.__doc__ or "") + ", ".join(sorted(FAULTS))
-
-    def postOptions(self) -> None:
-        if self["bitrate"] <= 0:
-            raise usage.UsageError("--bitrate must be positive")
-        if self["batch-ms"] <= 0:
-            raise usage.UsageError("--batch-ms must be positive")
-        self["port"] = _endpoint_description(self["port"])
-
-
-@implementer(IStreamServerEndpoint)
-@attrs.define(eq=False)
-class AnnouncingEndpoint:
-    """
-    An endpoint that logs where it listens once it does, so that whoever
-    started the daemon (a person, or a test that asked for port 0) learns the
-    actual address.
-
-    @ivar ports: The listening ports, once listening.
-    """
-
-    endpoint: IStreamServerEndpoint
-    log: Logger
-    ports: list[IListeningPort] = attrs.field(factory=list, init=False)
-
-    def listen(self, factory: Factory) -> Deferred[IListeningPort]:
-        def listening(port: IListeningPort) -> IListeningPort:
-            self.ports.append(port)
-            address = port.getHost()
-            self.log.info(
-                "Simulated AceStream engine listening on http://{host}:{port}/",
-                host=getattr(address, "host", str(address)),
-                port=getattr(address, "port", None),
-            )
-            return port
-
-        return self.endpoint.listen(factory).addCallback(listening)
-
-
-@implementer(IServiceMaker, IPlugin)
-@attrs.frozen
-class SimulatorServiceMaker:
-    """Makes the C{acesim} service: a L{SimulatedEngine} behind a L{Site}."""
-
-    tapname: str = "acesim"
-    description: str = "A simulated AceStream engine (HTTP API and live MPEG-TS)."
-    options: type[usage.Options] = Options
-
-    def makeService(self, options: usage.Options) -> IService:
-        from twisted.internet import reactor
-
-        engine = SimulatedEngine(
-            reactor,
-            bitrate=options["bitrate"],
-            batch_interval=options["batch-ms"] / 1000,
-            faults=options["faults"],
-        )
-        endpoint = AnnouncingEndpoint(
-            serverFromString(reactor, options["port"]),
-            Logger(namespace="acesim"),
-        )
-        return StreamServerEndpointService(endpoint, Site(engine.resource()))
-
-
-serviceMaker = SimulatorServiceMaker()
+acesim = ServiceMaker(
+    "A simulated AceStream engine",
+    "acestream_proxy.testing.simulator_service",
+    "A simulated AceStream engine (HTTP API and live MPEG-TS).",
+    "acesim",
+)

@@ -1,0 +1,92 @@
+"""
+What C{twistd aceproxy} loads: the plugin names this module, which imports
+only the command line and the configuration.  The daemon itself
+(L{acestream_proxy.service}) is imported by L{makeService}, once the
+configuration is known and the process has decided whether it loads the
+TLS stack at all (L{forgo_tls_unless_needed}).
+"""
+
+import sys
+from collections.abc import MutableMapping
+
+from twisted.application.service import IService
+
+from .config import Config
+from .options import Options as CommandLine
+
+__all__ = ["Options", "makeService", "tls_needed", "forgo_tls_unless_needed"]
+
+#: Listen endpoint types that never use TLS.  Anything else (C{ssl:}, or
+#: an endpoint plugin's type, which may) keeps TLS importable.
+PLAIN_LISTEN_TYPES = frozenset({"tcp", "tcp6", "unix", "systemd"})
+
+
+def tls_needed(config: Config) -> bool:
+    """
+    Whether a daemon running C{config} may use TLS: an C{https} engine; a
+    Redis store, whatever its URL (C{rediss} is TLS, and txredisapi imports
+    Twisted's TLS module even for plain Redis); or a listen endpoint other
+    than plain TCP, a UNIX socket or a systemd-passed socket.
+    """
+    return (
+        any(engine.url.startswith("https:") for engine in config.engines)
+        or config.redis is not None
+        or config.listen.split(":", 1)[0].lower() not in PLAIN_LISTEN_TYPES
+    )
+
+
+def forgo_tls_unless_needed(config: Config, modules: MutableMapping = sys.modules) -> bool:
+    """
+    Make pyOpenSSL unimportable in this process when C{config} has no use
+    for TLS (L{tls_needed}), and say whether it did so.  Called at startup
+    only, before anything imports the reactor or Twisted's endpoints.
+
+    Why: Twisted's reactor, TCP transport, endpoints and HTTP client each
+    try to import their TLS support (pyOpenSSL, and through it
+    cryptography's Rust extension with OpenSSL linked in) and go without it
+    if that import fails.  Loaded, it costs about 13 MB of resident memory
+    (an idle daemon holds 58 MB with it, 45 MB without), for connections a
+    daemon with plain-HTTP engines and the embedded store never makes.
+    Without it, Twisted runs as it would where pyOpenSSL is not installed.
+    An engine that answers with an C{https} URL on its own plain-HTTP port
+    then fails with an engine error, as it would with TLS loaded, since
+    that port does not speak TLS.
+
+    A stale twistd plugin cache defeats this: twistd then imports every
+    plugin module, Twisted's among them, which import its endpoints and so
+    the TLS stack, before this runs.  The cache is rebuilt at install time
+    (see the README).
+
+    The decision is made once, from the configuration the daemon starts
+    with: once the reactor is imported it cannot be taken back.  Nothing
+    adds an engine or reloads the configuration at runtime today; a future
+    source of C{https} URLs at runtime (a reloaded file, engines announced
+    by an orchestrator) must be part of this decision, keeping TLS
+    importable whenever it is configured.
+
+    Nothing is done if pyOpenSSL is already imported (by whatever imported
+    it first, a test runner for instance) or already made unimportable.
+    """
+    if tls_needed(config) or "OpenSSL" in modules:
+        return False
+    modules["OpenSSL"] = None
+    return True
+
+
+class Options(CommandLine):
+    """
+    The command line of C{twistd aceproxy}: L{CommandLine}, deciding
+    what the process loads as soon as the configuration is assembled.
+    """
+
+    def assembled(self, config: Config) -> None:
+        forgo_tls_unless_needed(config)
+
+
+def makeService(options: Options) -> IService:
+    """
+    The twistd plugin's entry point: the daemon of L{make_service}.
+    """
+    from .service import make_service
+
+    return make_service(options.config)
