@@ -114,7 +114,11 @@ class Tuning:
     write_timeout: float = 30
     max_reconnects: int = 5
     max_streams: int = 100
-    max_clients_per_stream: int = 500
+    # One core sends a 4 Mbit/s stream to a few thousand players (README's
+    # performance section); 2000 such players need 8 Gbit/s, more than most
+    # network links carry.  So one stream may take the whole daemon; lower
+    # max_clients_per_stream to keep room for others.
+    max_clients_per_stream: int = 2000
     max_clients: int = 2000
     # A client must send its whole request head within this long of
     # connecting (or of its previous response): a slow trickle of header

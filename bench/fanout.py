@@ -118,11 +118,15 @@ def run_one(name: str, players: int, args) -> dict:
         sleep_until(t0 + specs[0]["measure_at"])
         cpu0 = {pid: cpu_seconds(pid) for pid in target.pids()}
         counters0 = target.counters()
+        # Every player has joined by now: who serves how many.
+        served = target.players_by_process() if hasattr(target, "players_by_process") else {}
         started = time.monotonic()
         sleep_until(t0 + specs[0]["end_at"])
         pids = target.pids()
-        cpu = sum(cpu_seconds(pid) - cpu0.get(pid, 0.0) for pid in pids)
+        per_process = {pid: cpu_seconds(pid) - cpu0.get(pid, 0.0) for pid in pids}
+        cpu = sum(per_process.values())
         elapsed = time.monotonic() - started
+
         rss = [peak_rss_mb(pid) for pid in pids]
         counters1 = target.counters()
         with urllib.request.urlopen(f"{engine_url}/sim/state", timeout=10) as response:
@@ -133,6 +137,12 @@ def run_one(name: str, players: int, args) -> dict:
             outcomes.append(json.loads(out))
         result = summarise(name, players, args, outcomes, cpu, elapsed, rss, sim)
         result["processes"] = len(pids)
+        if len(served) > 1:
+            result["workers"] = [
+                {"players": served[pid], "cpu_per_player_minute":
+                 round(per_process[pid] / (served[pid] * elapsed / 60), 5) if served[pid] else None}
+                for pid in pids
+            ]
         if counters0:
             chunks = counters1["chunks"] - counters0["chunks"]
             result.update(
@@ -251,8 +261,12 @@ def report(results: list[dict], info: dict, args) -> str:
         LEGEND,
     ]
     if "aceproxy-redis" in args.rows:
-        lines.append(f"aceproxy-redis: {args.redis_workers} workers, players spread over them;"
-                     " its redis-server is not counted.")
+        lines.append(f"aceproxy-redis: {args.redis_workers} workers sharing one port (--reuse-port),"
+                     " the kernel spreading players over them; its redis-server is not counted.")
+        for r in results:
+            if r.get("workers"):
+                each = ", ".join(f"{w['cpu_per_player_minute']} ({w['players']} players)" for w in r["workers"])
+                lines.append(f"  at {r['players']}: CPU-s/player-min per worker: {each}")
     slope = slopes(results)
     if slope:
         lines += ["", *slope]

@@ -182,14 +182,14 @@ class Aceproxy(Target):
 
     def config(self) -> list[str]:
         """
-        A configuration that lets every player of the run in (the default
-        caps a stream at 500), unless the command line brings its own.
+        A configuration that lets every player of the run in (the defaults
+        cap a daemon at 2000 players), unless the command line brings its own.
         """
         if any(a in ("-c", "--config") or a.startswith("--config=") for a in self.proxy_args):
             return []
         path = os.path.join(os.path.dirname(self.processes.log_path), "aceproxy.toml")
         with open(path, "w") as f:
-            f.write(f"[tuning]\nmax_clients_per_stream = {max(500, self.players)}\n"
+            f.write(f"[tuning]\nmax_clients_per_stream = {max(2000, self.players)}\n"
                     f"max_clients = {max(2000, self.players)}\n")
         return ["--config", path]
 
@@ -202,17 +202,45 @@ class Aceproxy(Target):
             self.redis_server = RedisServer().start()
             self.client = self.redis_server.client()
             store = ["--redis", self.redis_server.url]
-        ports = [free_port() for _ in range(self.workers)]
+        # Several workers share one port, as on a host that runs one per
+        # core: the kernel spreads the players over them (SO_REUSEPORT).
+        self.port = free_port()
+        shared = ["--reuse-port"] if self.workers > 1 else []
         env = dict(os.environ, PYTHONPATH=ROOT)
-        for port in ports:
+        for _ in range(self.workers):
             self.main.append(self.processes.start(
-                twistd("aceproxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
+                twistd("aceproxy", "--listen", f"tcp:{self.port}:interface=127.0.0.1", *shared,
                        "--engine", engine_url, *store, *self.config(), *self.proxy_args),
                 env=env,
             ))
-        for port, process in zip(ports, self.main):
-            wait_http(f"http://127.0.0.1:{port}/health", process=process)
-        return ports
+        for process in self.main:
+            wait_http(f"http://127.0.0.1:{self.port}/health", process=process)
+        return [self.port]
+
+    def players_by_process(self) -> dict[int, int]:
+        """
+        How many players each worker process serves: its established
+        connections on the shared port.
+        """
+        established = set()
+        with open("/proc/net/tcp") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == self.port and fields[3] == "01":
+                    established.add(fields[9])
+        counts = {}
+        for process in self.main:
+            fds = f"/proc/{process.pid}/fd"
+            inodes = set()
+            for fd in os.listdir(fds):
+                try:
+                    link = os.readlink(f"{fds}/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+            counts[process.pid] = len(inodes & established)
+        return counts
 
     def counters(self) -> dict:
         if self.client is None:

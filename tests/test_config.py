@@ -116,7 +116,7 @@ def test_defaults():
         "write_timeout": 30,
         "max_reconnects": 5,
         "max_streams": 100,
-        "max_clients_per_stream": 500,
+        "max_clients_per_stream": 2000,
         "max_clients": 2000,
         "header_timeout": 10,
         "max_connections_per_address": 32,
