@@ -68,8 +68,6 @@ async def playing(registry, api) -> tuple:
     attached = Deferred.fromCoroutine(registry.attach(KEY, "id", request))
     await _until(lambda: api.readers)
     api.readers[0].dataReceived(packets(0, 50))
-    # The packets wait to fill a chunk; this is when the chunk is sent anyway.
-    registry.clock.advance(registry.tuning.chunk_delay)
     await attached
     return registry.streams[KEY], request
 
@@ -339,7 +337,6 @@ def test_a_join_cancelled_before_its_stream_exists_gives_the_lease_back():
     again = FakeRequest()
     attached = Deferred.fromCoroutine(registry.attach(KEY, "id", again))
     api.readers[0].dataReceived(packets(0, 10))
-    clock.advance(registry.tuning.chunk_delay)
     assert attached.called and again.transport.value()
 
 

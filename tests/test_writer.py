@@ -66,6 +66,22 @@ def test_a_chunk_that_does_not_fill_is_sent_after_chunk_delay():
     assert clock.getDelayedCalls() == []
 
 
+def test_the_first_data_is_sent_at_once():
+    """
+    While the stream's data source waits for its first data (a new session,
+    a reconnection), what comes is sent without waiting to fill a chunk.
+    """
+    clock = Clock()
+    writer = writer_on(clock, chunk_bytes=100 * PACKET_SIZE)
+    first = writer.fanout.next_chunk()
+    writer.write(packets(0, 2))
+    assert first.called and first.result.size == 2 * PACKET_SIZE
+    writer.write(packets(2, 2))
+    assert len(delivered(writer)) == 1
+    clock.advance(0.1)
+    assert len(delivered(writer)) == 2 and clock.getDelayedCalls() == []
+
+
 def test_without_chunk_bytes_every_run_is_a_chunk():
     clock = Clock()
     writer = writer_on(clock, chunk_bytes=0)

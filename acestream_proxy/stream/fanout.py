@@ -72,6 +72,13 @@ class FanOut:
         self._waiting.append(d)
         return d
 
+    @property
+    def awaited(self) -> bool:
+        """
+        Whether a data source waits for the next chunk (its first data).
+        """
+        return bool(self._waiting)
+
     def join_position(self) -> int | None:
         """
         The index a new player starts from, or L{None} to start with the next

@@ -76,7 +76,9 @@ class StoreWriter:
             return
         self._held.append(packets)
         self._held_bytes += len(packets)
-        if self._held_bytes >= self.chunk_bytes:
+        # The first data of a session is sent at once: the first player
+        # waits for it, and the session's start is proved by it.
+        if self._held_bytes >= self.chunk_bytes or self.fanout.awaited:
             self._seal()
         elif self._seal_call is None:
             self._seal_call = self.clock.callLater(self.chunk_delay, self._seal)
