@@ -54,10 +54,11 @@ KEY, OTHER, THIRD = HASHES[3], HASHES[4], HASHES[5]
 #: Every Redis key of every stream.
 STREAM_KEYS = f"{redis_keys.PREFIX}:stream:*"
 
-#: The largest chunk, framed: the engine's body is read at most 64 KiB at a
-#: time (Twisted's read size), to which the packet aligner may add the part
-#: of a packet left from the read before; then the chunk's size line and CRLF.
-MAX_CHUNK = 2**16 + PACKET_SIZE + 16
+#: The largest chunk, framed: a chunk is sealed once it holds chunk_bytes, so
+#: it holds less than that before its last read from the engine; a read is at
+#: most 64 KiB (Twisted's read size), to which the packet aligner may add the
+#: part of a packet left from the read before; then the size line and CRLF.
+MAX_CHUNK = Tuning().chunk_bytes + 2**16 + PACKET_SIZE + 16
 
 #: What a stuck player may hold in our memory besides the rest of one chunk:
 #: the transport's C{bufferSize}, and the end of the HTTP response.
