@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-SOURCES := setup.cfg pyproject.toml $(shell find acestream_proxy twisted -name '*.py')
+SOURCES := setup.cfg pyproject.toml $(shell find acestream_proxy twisted -name '*.py') \
+	$(wildcard acestream_proxy/http/static/*)
 TWISTD_ARGS ?=
 PYTEST_ARGS ?=
 # e.g. BENCH_ARGS="--players 1,100 --duration 10 --peer 'acexy=...'" (see README.rst)
@@ -27,7 +28,10 @@ $(VENV)/.installed: $(BIN)/python $(SOURCES)
 run: $(VENV)/.installed
 	$(BIN)/twistd -n aceproxy $(TWISTD_ARGS)
 
+# The status page's tests render it in a headless Chromium (Debian's
+# package, installed as root when missing).
 test: $(VENV)/.installed
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium; }
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed

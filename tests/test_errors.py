@@ -32,7 +32,9 @@ OTHER = HASHES[1]
 TOKEN = "s3cret-token"
 
 #: What the proxy knows how to answer 200 to, as the router sees the path.
-ROUTES = {"/ace/getstream", "/streams", "/engines", "/health"}
+ROUTES = {"/ace/getstream", "/streams", "/engines", "/health", "/status"}
+#: The status page's files (test_status_page.py), the only answers not JSON.
+PAGE_ROUTES = {"/": "text/html", "/status.js": "text/javascript", "/status.css": "text/css"}
 
 
 @attrs.frozen
@@ -200,7 +202,6 @@ async def test_uppercase_and_escaped_keys_are_valid_and_lowercased(engine, proxy
 @pytest.mark.parametrize(
     "path",
     [
-        "/",
         "/nope",
         "/ace",
         "/ace/",
@@ -589,9 +590,15 @@ async def test_fuzzed_paths(shared, segments, method):
     answer = await fetch(proxy.url + path, method)
     hypothesis.event(f"HTTP {answer.code}")
     assert answer.code in {200, 400, 404, 405}, (path, answer.code, answer.body)
+    routed = _routed_path(path)
+    # The router reads escaped leading slashes as one ("/%2F" is "/").
+    page = "/" + routed.lstrip("/")
+    if answer.code == 200 and page in PAGE_ROUTES:
+        [kind] = answer.header("content-type")
+        assert kind.startswith(PAGE_ROUTES[page]), (path, kind)
+        return
     assert answer.header("content-type") == ["application/json"], (path, answer.body)
     if answer.code == 200:
-        routed = _routed_path(path)
         assert routed in ROUTES or routed.startswith("/streams/"), path
     else:
         assert_error(answer, answer.code)

@@ -20,6 +20,7 @@ from ..stream.registry import StreamRegistry
 from . import views
 from .limits import ClientLimits, is_loopback
 from .site import ProxySite
+from .status import asset, status_view
 
 _HASH = re.compile(r"[0-9a-fA-F]{40}")
 _KEY_PARAMS = ("id", "infohash")
@@ -131,6 +132,24 @@ class ProxyWeb:
     def health(self, request):
         health = views.health_view(self.streams)
         return json_body(request, health, 200 if health["status"] == "ok" else 503)
+
+    # The status page (see status.py)
+
+    @app.route("/", methods=["GET"])
+    def status_page(self, request):
+        return asset(request, "index.html")
+
+    @app.route("/status.js", methods=["GET"])
+    def status_script(self, request):
+        return asset(request, "status.js")
+
+    @app.route("/status.css", methods=["GET"])
+    def status_style(self, request):
+        return asset(request, "status.css")
+
+    @app.route("/status", methods=["GET"])
+    async def status_json(self, request):
+        return json_body(request, await status_view(self.streams, self._is_admin(request)))
 
     def _check_new_stream(self, key: str, request) -> None:
         """

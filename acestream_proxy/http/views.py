@@ -83,11 +83,40 @@ async def _describe(registry, meta: dict) -> dict:
         "health": meta.get(Meta.HEALTH),
         "reconnects": _number(meta.get(Meta.RECONNECTS)) or 0,
         "buffer_index": await registry.store.buffer.latest(key),
+        "bytes_out": _bytes_out(players, stream),
+        "uptime": _uptime(registry, meta),
     }
     if stream is not None and stream.role is Role.OWNER:
         described["bytes_in"] = stream.bytes_in
         described["last_data_at"] = stream.last_data_at
     return described
+
+
+def _bytes_out(players: dict, stream) -> int:
+    """
+    The bytes sent to the stream's players, every worker's: this worker's
+    players counted as of now, the others' as of their last heartbeat.
+    Summed when asked (the status page's bitrate out is its change between
+    two polls), so that the fan-out keeps no stream-wide counter per chunk.
+    """
+    local = {p.info.id: p.bytes_sent for p in stream.players} if stream is not None else {}
+    stored = sum(
+        _number(fields.get(PlayerField.BYTES_SENT)) or 0
+        for pid, fields in players.items()
+        if pid not in local
+    )
+    return int(stored) + sum(local.values())
+
+
+def _uptime(registry, meta: dict) -> float | None:
+    """
+    Seconds since the stream started, on this worker's clock, so that a
+    browser whose clock differs still shows the right age.
+    """
+    started = _number(meta.get(Meta.STARTED_AT))
+    if not isinstance(started, (int, float)):
+        return None
+    return max(0.0, registry.clock.seconds() - started)
 
 
 async def engines_view(registry, admin: bool = False) -> list[dict]:

@@ -1,0 +1,183 @@
+// The status page: polls /status every few seconds and renders its tables.
+// Everything from the API is written as text (textContent), never as HTML.
+"use strict";
+
+const REFRESH_MS = 3000;
+const TOKEN_KEY = "aceproxy.adminToken";
+// Bitrates are byte counts' change between two polls; closer polls than
+// this (a hidden tab catching up) would show noise, so the last rate stays.
+const MIN_RATE_INTERVAL = 1.0;
+
+// The previous sample of each stream, for its bitrates: {time, in, out, rateIn, rateOut}.
+const samples = new Map();
+
+function token() {
+  return sessionStorage.getItem(TOKEN_KEY) || "";
+}
+
+// A token may come in the URL's fragment (#token=...), which browsers never
+// send: it is kept for this tab and taken out of the address bar at once.
+function takeTokenFromFragment() {
+  const match = /(?:^#|&)token=([^&]*)/.exec(location.hash);
+  if (match) {
+    sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(match[1]));
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+}
+
+function cell(row, text, field, className) {
+  const td = document.createElement("td");
+  td.textContent = text === null || text === undefined ? "–" : String(text);
+  td.dataset.field = field;
+  if (className) td.className = className;
+  row.appendChild(td);
+  return td;
+}
+
+function bitrate(bitsPerSecond) {
+  if (bitsPerSecond === null || !isFinite(bitsPerSecond)) return "–";
+  if (bitsPerSecond >= 1e6) return (bitsPerSecond / 1e6).toFixed(2) + " Mbit/s";
+  return (bitsPerSecond / 1e3).toFixed(0) + " kbit/s";
+}
+
+function duration(seconds) {
+  if (seconds === null || seconds === undefined) return "–";
+  seconds = Math.floor(seconds);
+  const h = Math.floor(seconds / 3600), m = Math.floor((seconds % 3600) / 60), s = seconds % 60;
+  const two = (n) => String(n).padStart(2, "0");
+  return (h ? h + ":" + two(m) : String(m)) + ":" + two(s);
+}
+
+// Rates from the change since the previous poll; the first time, the
+// average since the stream started.
+function rates(stream, now) {
+  const previous = samples.get(stream.key);
+  let rateIn = null, rateOut = null;
+  if (previous && now - previous.time >= MIN_RATE_INTERVAL) {
+    const dt = now - previous.time;
+    rateIn = Math.max(0, stream.bytes_in - previous.in) * 8 / dt;
+    rateOut = Math.max(0, stream.bytes_out - previous.out) * 8 / dt;
+  } else if (previous) {
+    return { in: previous.rateIn, out: previous.rateOut };
+  } else if (stream.uptime > 0) {
+    rateIn = stream.bytes_in * 8 / stream.uptime;
+    rateOut = stream.bytes_out * 8 / stream.uptime;
+  }
+  samples.set(stream.key, { time: now, in: stream.bytes_in, out: stream.bytes_out,
+                            rateIn: rateIn, rateOut: rateOut });
+  return { in: rateIn, out: rateOut };
+}
+
+function renderEngines(engines) {
+  const body = document.querySelector("#engines tbody");
+  body.replaceChildren();
+  for (const engine of engines) {
+    const row = body.insertRow();
+    row.dataset.engine = engine.id;
+    cell(row, engine.id, "id", "key");
+    const health = engine.healthy ? "healthy" : "unhealthy";
+    cell(row, health, "health", health);
+    cell(row, engine.streams, "streams", "number");
+    cell(row, engine.forwarded ? "yes" : "no", "forwarded");
+  }
+}
+
+function renderStreams(streams, now) {
+  const body = document.querySelector("#streams tbody");
+  const table = document.getElementById("streams");
+  const note = document.getElementById("streams-note");
+  body.replaceChildren();
+  if (streams === null) {
+    table.hidden = true;
+    samples.clear();
+    note.textContent = "Streams are shown to admins only; this is the aggregate view.";
+    return;
+  }
+  table.hidden = false;
+  note.textContent = streams.length ? "" : "No stream is playing.";
+  const seen = new Set();
+  for (const stream of streams) {
+    seen.add(stream.key);
+    const rate = rates(stream, now);
+    const row = body.insertRow();
+    row.dataset.key = stream.key;
+    cell(row, stream.key, "key", "key");
+    cell(row, stream.container_id, "engine", "key");
+    cell(row, stream.status, "status");
+    cell(row, stream.health, "health", stream.health);
+    cell(row, stream.players, "players", "number");
+    cell(row, bitrate(rate.in), "bitrate_in", "number");
+    cell(row, bitrate(rate.out), "bitrate_out", "number");
+    cell(row, stream.reconnects, "reconnects", "number");
+    cell(row, duration(stream.uptime), "uptime", "number");
+  }
+  for (const key of samples.keys()) if (!seen.has(key)) samples.delete(key);
+}
+
+function renderAccess(admin) {
+  const view = document.getElementById("view");
+  if (admin) {
+    view.textContent = "Admin view: every stream, with its players, bitrates and uptime.";
+  } else if (token()) {
+    view.textContent = "The admin token was not accepted: aggregate view only.";
+  } else {
+    view.textContent = "Aggregate view only: stream details are for admins (paste the admin token).";
+  }
+  view.dataset.admin = admin ? "yes" : "no";
+}
+
+function render(status) {
+  const health = status.health;
+  document.getElementById("summary").textContent =
+    "Worker " + health.worker_id + ": " + health.status + " — " +
+    health.streams + " streams, " + health.players + " players, " +
+    health.engines_healthy + "/" + status.engines.length + " engines healthy, store " +
+    health.store + (health.redis ? " (" + health.redis + ")" : "") + ".";
+  document.getElementById("summary").className = health.status;
+  renderAccess(status.admin);
+  renderEngines(status.engines);
+  renderStreams(status.streams, status.time);
+  document.getElementById("updated").textContent =
+    "Updated " + new Date().toLocaleTimeString() + ", every " + REFRESH_MS / 1000 + " s.";
+}
+
+// One fetch of /status and its rendering; a failure is shown, not thrown.
+async function load() {
+  const headers = {};
+  if (token()) headers["Authorization"] = "Bearer " + token();
+  try {
+    const response = await fetch("/status", { headers: headers, cache: "no-store" });
+    if (!response.ok) throw new Error("HTTP " + response.status);
+    render(await response.json());
+  } catch (error) {
+    const summary = document.getElementById("summary");
+    summary.textContent = "Cannot reach the proxy (" + error.message + ").";
+    summary.className = "down";
+  }
+}
+
+// The polling loop: the next poll is set once this one is over, so that a
+// slow proxy is never asked twice at once.
+async function refresh() {
+  await load();
+  setTimeout(refresh, REFRESH_MS);
+}
+
+function setUpTokenForm() {
+  const form = document.getElementById("token-form");
+  const input = document.getElementById("token");
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (input.value.trim()) sessionStorage.setItem(TOKEN_KEY, input.value.trim());
+    input.value = "";
+    load();
+  });
+  document.getElementById("token-forget").addEventListener("click", () => {
+    sessionStorage.removeItem(TOKEN_KEY);
+    load();
+  });
+}
+
+takeTokenFromFragment();
+setUpTokenForm();
+refresh();
