@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import tomllib
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -182,8 +183,11 @@ def test_compose_services():
         )
         assert (CONTRIB / build["context"]).resolve() == ROOT
     for name in WORKERS:
-        assert "redis" in services[name]["depends_on"]
-        assert "engine" in services[name]["depends_on"]
+        # Started once Redis answers and the engine is healthy: a worker
+        # probing an engine not listening yet gives no stream for 30 s.
+        for dependency in ("redis", "engine"):
+            condition = services[name]["depends_on"][dependency]["condition"]
+            assert condition == "service_healthy", (name, dependency)
         assert "ports" not in services[name], "players go through HAProxy"
     assert set(services["haproxy"]["depends_on"]) == set(WORKERS)
     assert services["haproxy"]["image"].startswith("haproxy:")
@@ -437,7 +441,9 @@ def test_dockerfile_image():
 
     user = one(instructions, "USER")
     assert user not in ("root", "0")
-    assert any(kw == "RUN" and f"useradd --system" in args and user in args for kw, args in instructions)
+    assert any(
+        kw == "RUN" and "useradd --system" in args and user in args for kw, args in instructions
+    )
     # USER comes after the installation, and before CMD.
     keywords = [kw for kw, _ in instructions]
     assert keywords.index("USER") > max(
@@ -563,7 +569,7 @@ def test_dockerfile_commands_run(image, tmp_path):
     assert "--listen" in help.stdout and "--engine" in help.stdout
 
     image_env = dockerfile_env(instructions)
-    engine_port, proxy_port = free_port(), free_port()
+    sim_port, proxy_port = free_port(), free_port()
     env = {
         key: value.replace("$PATH", os.environ["PATH"]) for key, value in image_env.items()
     }
@@ -571,22 +577,30 @@ def test_dockerfile_commands_run(image, tmp_path):
         PATH=f"{bin}:{os.environ['PATH']}",
         HOME=str(tmp_path),
         ACEPROXY_PORT=str(proxy_port),
-        ACEPROXY_ENGINE=f"http://127.0.0.1:{engine_port}",
+        ACEPROXY_ENGINE=f"http://127.0.0.1:{sim_port}",
     )
     services = compose()["services"]
+    compose_engine_port = engine_port(services)
     engine_command = [
-        f"tcp:{engine_port}:interface=127.0.0.1" if arg.startswith("tcp:") else arg
+        f"tcp:{sim_port}:interface=127.0.0.1" if arg.startswith("tcp:") else arg
         for arg in services["engine"]["command"]
     ]
     assert engine_command[0] == "twistd"
     processes = []
+    daemon_log = open(tmp_path / "daemon.log", "w")
     try:
         engine = subprocess.Popen(
             engine_command, cwd=tmp_path, env=env,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         processes.append(engine)
-        daemon_log = open(tmp_path / "daemon.log", "w+")
+        # As compose starts the workers: once the engine is healthy.
+        engine_check = [
+            arg.replace(f":{compose_engine_port}/", f":{sim_port}/")
+            for arg in services["engine"]["healthcheck"]["test"][1:]
+        ]
+        assert engine_check != services["engine"]["healthcheck"]["test"][1:]
+        wait_for(lambda: healthy(engine_check, env), 60, "the engine's healthcheck")
         daemon = subprocess.Popen(
             exec_form(one(instructions, "CMD")), cwd=tmp_path, env=env,
             stdout=daemon_log, stderr=subprocess.STDOUT,
@@ -600,9 +614,6 @@ def test_dockerfile_commands_run(image, tmp_path):
         ), "the CMD's shell must exec twistd"
 
         # Listens on all interfaces, as a container's port must.
-        listening = socket.create_connection(("127.0.0.1", proxy_port), timeout=5)
-        assert listening.getsockname()  # connected
-        listening.close()
         assert any(
             line.split()[1].upper() == f"00000000:{proxy_port:04X}"
             for line in open("/proc/net/tcp").read().splitlines()[1:]
@@ -611,7 +622,11 @@ def test_dockerfile_commands_run(image, tmp_path):
 
         # A player through it, from the simulated engine.
         url = f"http://127.0.0.1:{proxy_port}/ace/getstream?id={'ab' * 20}"
-        with urllib.request.urlopen(url, timeout=30) as response:
+        try:
+            response = urllib.request.urlopen(url, timeout=30)
+        except urllib.error.HTTPError as error:
+            raise AssertionError((tmp_path / "daemon.log").read_text()) from error
+        with response:
             assert response.headers["Content-Type"] == "video/mp2t"
             data = response.read(188 * 50)
         assert len(data) == 188 * 50
@@ -636,3 +651,4 @@ def test_dockerfile_commands_run(image, tmp_path):
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+        daemon_log.close()
