@@ -29,9 +29,12 @@ run: $(VENV)/.installed
 	$(BIN)/twistd -n aceproxy $(TWISTD_ARGS)
 
 # The status page's tests render it in a headless Chromium (Debian's
-# package, installed as root when missing).
+# package, installed as root when missing); contrib/test-tools.sh installs
+# haproxy and nginx for tests/test_contrib.py where that is harmless (see
+# there), otherwise those checks skip.
 test: $(VENV)/.installed
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium; }
+	@sh contrib/test-tools.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed
