@@ -20,6 +20,7 @@ from .engine.api import EngineAPI, EngineClient
 from .engine.registry import Engine, EngineRegistry
 from .http.reuseport import reuse_port_service
 from .http.routes import make_site
+from .metrics import Metrics
 from .store.memory import MemoryStore
 from .stream.registry import StreamRegistry
 
@@ -62,9 +63,10 @@ class _ConnectionPool(Service):
         return self.pool.closeCachedConnections()
 
 
-def make_store(config: Config, reactor, worker_id: str):
+def make_store(config: Config, reactor, worker_id: str, metrics: Metrics | None = None):
     """
-    The embedded store, or the Redis store when C{redis} is configured.
+    The embedded store, or the Redis store when C{redis} is configured,
+    counting its failed operations in C{metrics}.
     The Redis store (txredisapi and, through it, Twisted's TLS module) is
     imported only then.
     """
@@ -89,6 +91,7 @@ def make_store(config: Config, reactor, worker_id: str):
         ghost_client_timeout=tuning.ghost_client_timeout,
         owner_lease=tuning.owner_lease,
         worker_timeout=tuning.worker_timeout,
+        metrics=metrics if metrics is not None else Metrics(),
     )
 
 
@@ -109,7 +112,9 @@ def make_service(config: Config, reactor=None, listen: bool = True) -> MultiServ
     top = _OrderedService()
 
     worker_id = uuid.uuid4().hex[:12]
-    store = make_store(config, reactor, worker_id)
+    # The daemon's one registry of metrics, handed to whatever counts.
+    metrics = Metrics()
+    store = make_store(config, reactor, worker_id, metrics)
     if isinstance(store, Service):
         _named(store, "store", top)
     pool = HTTPConnectionPool(reactor)
@@ -117,9 +122,11 @@ def make_service(config: Config, reactor=None, listen: bool = True) -> MultiServ
     # An EngineClient follows no redirect: engines are reached at their
     # configured address only.
     http = EngineClient(Agent(reactor, connectTimeout=tuning.engine_connect_timeout, pool=pool))
-    api = EngineAPI(http, reactor, tuning.engine_timeout, tuning.first_byte_timeout)
+    api = EngineAPI(
+        http, reactor, tuning.engine_timeout, tuning.first_byte_timeout, metrics=metrics
+    )
     engines = EngineRegistry([Engine.from_config(engine) for engine in config.engines], api)
-    streams = StreamRegistry(store, engines, api, reactor, tuning, worker_id)
+    streams = StreamRegistry(store, engines, api, reactor, tuning, worker_id, metrics=metrics)
     if listen:
         warn_if_loopback_is_admin(config)
         site = make_site(streams, config)

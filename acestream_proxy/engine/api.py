@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 
 from ..errors import EngineError, EngineTimeout
+from ..metrics import ENGINE_CALLS, Metrics
 from .registry import Engine
 
 #: Seconds a stop command may take: it is sent while streams end and the
@@ -164,6 +165,7 @@ class EngineAPI:
     @ivar clock: schedules the timeouts.
     @ivar timeout: seconds an API call may take.
     @ivar first_byte_timeout: seconds until a playback body's headers.
+    @ivar metrics: the worker's metrics, where each API call's time counts.
     """
 
     log = Logger()
@@ -172,13 +174,16 @@ class EngineAPI:
     clock: object
     timeout: float
     first_byte_timeout: float
+    metrics: Metrics = attrs.field(factory=Metrics)
 
     async def _call(self, engine: Engine, url: str, what: str, timeout: float | None = None) -> dict:
         """
         GET an API URL and decode its JSON, mapping every way it can go wrong
         to L{EngineError} or L{EngineTimeout}.  C{timeout} bounds the whole
-        exchange, headers and body together.
+        exchange, headers and body together; its time, answered or not, goes
+        to the worker's engine request histogram.
         """
+        asked_at = self.clock.seconds()
         try:
             d = Deferred.fromCoroutine(self._get(url))
             response, body = await d.addTimeout(timeout or self.timeout, self.clock, _timed_out)
@@ -188,6 +193,10 @@ class EngineAPI:
             raise
         except Exception as e:
             raise EngineError(f"engine {engine.id} failed {what}: {e.__class__.__name__}")
+        finally:
+            self.metrics.engine_request_seconds.labels(call=ENGINE_CALLS.get(what, what)).observe(
+                self.clock.seconds() - asked_at
+            )
         if response.code != 200:
             raise _status_error(engine, what, response.code)
         try:

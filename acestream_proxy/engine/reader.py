@@ -28,6 +28,8 @@ class EngineReader(Protocol):
     @ivar on_end: called once with L{None} when the engine ended the body
         cleanly, or with the L{Failure} that ended it otherwise.
     @ivar key: the stream, and C{engine} the engine, named in log events.
+    @ivar received: counts the bytes read (the worker's metrics), as they
+        arrive, so that a scrape sees them grow while the stream plays.
     """
 
     log = Logger()
@@ -41,6 +43,7 @@ class EngineReader(Protocol):
     paused: bool = False
     key: str = ""
     engine: str = ""
+    received: object = None
 
     def makeConnection(self, transport) -> None:
         self.transport = transport
@@ -51,6 +54,8 @@ class EngineReader(Protocol):
         if self.stopped:
             return
         self.bytes_in += len(data)
+        if self.received is not None:
+            self.received.inc(len(data))
         resyncs = self.aligner.resyncs
         packets = self.aligner.feed(data)
         if self.aligner.resyncs != resyncs:

@@ -15,7 +15,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from ..errors import BadRequest, Forbidden, ProxyError, Unauthorized
+from ..errors import BadRequest, Forbidden, ProxyError, Unauthorized, Unavailable
+from ..metrics import DROPPED_LIMIT
 from ..stream.registry import StreamRegistry
 from . import views
 from .limits import ClientLimits, is_loopback
@@ -128,6 +129,19 @@ class ProxyWeb:
         admin = self._is_admin(request)
         return json_body(request, await views.engines_view(self.streams, admin))
 
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request):
+        """
+        The worker's Prometheus metrics, public: aggregates, with no stream
+        key, player or engine URL in them, and engine ids, which
+        C{/engines} shows anyone.
+        """
+        accept = (request.getHeader(b"accept") or b"").decode("latin-1")
+        body, content_type = self.streams.metrics.render(accept)
+        request.setHeader(b"Content-Type", content_type.encode())
+        request.setHeader(b"Cache-Control", b"no-store")
+        return body
+
     @app.route("/health", methods=["GET"])
     def health(self, request):
         health = views.health_view(self.streams)
@@ -160,7 +174,11 @@ class ProxyWeb:
         and L{StreamRegistry.attach} deciding to start the stream.
         """
         if self.limits is not None and key not in self.streams.streams:
-            self.limits.take_new_stream(self.limits.key(request.getClientAddress()), key)
+            try:
+                self.limits.take_new_stream(self.limits.key(request.getClientAddress()), key)
+            except Unavailable:
+                self.streams.metrics.players_dropped.labels(reason=DROPPED_LIMIT).inc()
+                raise
 
     def _check_admin(self, request) -> None:
         """

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 
 from ..constants import Meta
 from ..errors import Unavailable
+from ..metrics import Metrics
 from . import keys, scripts
 from .address import RedisAddress
 from .availability import Availability
@@ -53,6 +54,7 @@ class RedisStore(LeaseCommands, PlayerCommands, EndedStreams, Service):
         operations out.
     @ivar stream_ttl_ms: how long a stream's keys live without their owner
         renewing them.
+    @ivar metrics: the worker's metrics, where every failed operation counts.
     """
 
     kind = "redis"
@@ -67,6 +69,7 @@ class RedisStore(LeaseCommands, PlayerCommands, EndedStreams, Service):
     owner_lease: float
     worker_timeout: float = 3.0
     op_timeout: float = 5.0
+    metrics: Metrics = attrs.field(factory=Metrics)
     buffer: RedisRingBuffer = attrs.field(init=False)
     address: RedisAddress = attrs.field(init=False)
     _pool: PoolFactory | None = attrs.field(default=None, init=False)
@@ -162,6 +165,7 @@ class RedisStore(LeaseCommands, PlayerCommands, EndedStreams, Service):
         try:
             factory = self._factory(data)
         except Unavailable:
+            self.metrics.store_errors.inc()
             return fail()
         return self._guard(factory.handler.execute_command(*command))
 
@@ -169,6 +173,7 @@ class RedisStore(LeaseCommands, PlayerCommands, EndedStreams, Service):
         try:
             factory = self._factory(data)
         except Unavailable:
+            self.metrics.store_errors.inc()
             return fail()
         return self._guard(factory.handler.eval(script, names, args))
 
@@ -197,6 +202,7 @@ class RedisStore(LeaseCommands, PlayerCommands, EndedStreams, Service):
         """
 
         def failed(failure):
+            self.metrics.store_errors.inc()
             refused = refusal(failure)
             if refused is not None and self._availability is not None:
                 self._availability.refused(refused)

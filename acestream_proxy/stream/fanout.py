@@ -7,7 +7,9 @@ own pace (see L{acestream_proxy.stream.player}).
 The loop over live players is the daemon's hottest code: per chunk and
 player it makes one call, to the player's send function, and nothing else.
 What a live player has been sent is worked out when it leaves the live set,
-from the fan-out's running totals, instead of being counted per chunk.
+from the fan-out's running totals, instead of being counted per chunk; the
+worker's sent-bytes metric takes one addition per chunk for all live
+players together.
 """
 
 from typing import Callable
@@ -15,6 +17,7 @@ from typing import Callable
 import attrs
 from twisted.internet.defer import Deferred
 
+from ..metrics import Metrics
 from .window import Chunk, ChunkWindow
 
 
@@ -29,12 +32,14 @@ class FanOut:
     @ivar delivered_bytes: the bytes of packets of every chunk delivered so
         far: a live player's count of bytes sent is this total less what it
         was when the player went live.
+    @ivar metrics: the worker's metrics, where sent bytes and skips count.
     """
 
     window: ChunkWindow
     join_chunks: int
     last_index: int = 0
     delivered_bytes: int = 0
+    metrics: Metrics = attrs.field(factory=Metrics)
     producers: set = attrs.field(factory=set, init=False)
     # Live players, by how they take a chunk: framed for HTTP/1.1 chunked
     # transfer (nearly all), or as bare packets (HTTP/1.0).
@@ -52,7 +57,11 @@ class FanOut:
         self.delivered_bytes += chunk.size
         self.window.append(chunk)
         framed = chunk.framed
-        for send in list(self._framed.values()):
+        live = list(self._framed.values())
+        # The players live now get the chunk: counted for all of them at once.
+        if receivers := len(live) + len(self._bare):
+            self.metrics.sent_bytes.inc(chunk.size * receivers)
+        for send in live:
             send(framed)
         if self._bare:
             data = bytes(chunk.data)

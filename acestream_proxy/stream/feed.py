@@ -26,8 +26,10 @@ from ..engine.api import EngineAPI, Playback
 from ..engine.reader import EngineReader
 from ..engine.registry import Engine
 from ..errors import EngineError, EngineTimeout, ProxyError
+from ..metrics import RECONNECT_ENGINE_ENDED, RECONNECT_NO_DATA, Metrics
 from .fanout import FanOut
 from .health import Verdict, check_interval, judge_silence, reconnect_delays
+from .watched import watched
 from .writer import StoreWriter
 
 
@@ -40,6 +42,8 @@ class EngineFeed(MultiService):
     @ivar changed: called when what the stream's metadata shows changed.
     @ivar failed: called with a reason when no engine could play the stream.
     @ivar jitter: draws the jitter of reconnection delays.
+    @ivar on_change: told when C{state} or C{playback} is about to change.
+    @ivar metrics: the worker's metrics, where reads and reconnections count.
     """
 
     log = Logger()
@@ -59,8 +63,10 @@ class EngineFeed(MultiService):
     engine: Engine | None = None
     reconnects: int = 0
     jitter: Callable[[], float] = random.random
-    state: StreamState = StreamState.STARTING
-    playback: Playback | None = None
+    state: StreamState = watched(StreamState.STARTING)
+    playback: Playback | None = watched()
+    on_change: Callable[[object, str, object], None] | None = None
+    metrics: Metrics = attrs.field(factory=Metrics)
     last_data_at: float | None = None
     started_at: float = 0.0
     _reader: EngineReader | None = attrs.field(default=None, init=False)
@@ -132,7 +138,11 @@ class EngineFeed(MultiService):
         # Before the body is delivered: its first bytes may come at once.
         self._first = self.fanout.next_chunk()
         self._reader = EngineReader(
-            self._on_data, self._on_end, key=self.key, engine=self.engine.id
+            self._on_data,
+            self._on_end,
+            key=self.key,
+            engine=self.engine.id,
+            received=self.metrics.received_bytes,
         )
         self.writer.registerProducer(self._reader, True)
         response.deliverBody(self._reader)
@@ -168,7 +178,7 @@ class EngineFeed(MultiService):
                 EngineError(f"engine {self.engine.id} ended playback before any data")
             )
             return
-        self._reconnect("the engine ended playback")
+        self._reconnect("the engine ended playback", RECONNECT_ENGINE_ENDED)
 
     def _drop_reader(self) -> None:
         if self._reader is not None:
@@ -184,7 +194,7 @@ class EngineFeed(MultiService):
         silent = self.clock.seconds() - (self.last_data_at or self.started_at)
         verdict = judge_silence(silent, self.tuning)
         if verdict is Verdict.RECONNECT:
-            self._reconnect(f"no data for {silent:.0f}s")
+            self._reconnect(f"no data for {silent:.0f}s", RECONNECT_NO_DATA)
         elif verdict is Verdict.UNHEALTHY and self.state is StreamState.STARTED:
             self.state = StreamState.UNHEALTHY
             self.log.warn(
@@ -195,12 +205,14 @@ class EngineFeed(MultiService):
             )
             self.changed()
 
-    def _reconnect(self, why: str) -> None:
+    def _reconnect(self, why: str, reason: str) -> None:
         """
-        Replace the playback connection, keeping the players'.
+        Replace the playback connection, keeping the players'.  C{reason}
+        labels it in the worker's metrics.
         """
         if self._reconnecting is not None or self._stopped:
             return
+        self.metrics.reconnects.labels(reason=reason).inc()
         self.log.warn("stream {key}: reconnecting ({why})", key=self.key, why=why)
         self.state = StreamState.RECONNECTING
         self._drop_reader()

@@ -18,6 +18,7 @@ import attrs
 from twisted.logger import Logger
 
 from ..constants import PlayerField, Role
+from ..metrics import DROPPED_GHOST
 from ..store.base import Store
 
 
@@ -81,6 +82,7 @@ class PlayerHeartbeats:
             info = producer.info
             if self._beats.get(info.id, info.connected_at) < oldest:
                 self._ghost(info.id, stream.key)
+                stream.metrics.players_dropped.labels(reason=DROPPED_GHOST).inc()
                 producer.abort()
 
     async def _remove_ghosts(self, stream, now: float) -> None:

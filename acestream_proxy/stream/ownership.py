@@ -63,6 +63,8 @@ class Ownership:
             stream.stop,
             engine=engine,
             reconnects=reconnects,
+            on_change=stream.source_changed,
+            metrics=stream.metrics,
         )
 
     def tail(self, next_index: int | None = None) -> BufferTail:
@@ -79,6 +81,7 @@ class Ownership:
             stream.tuning.join_chunks,
             stream.tuning.first_byte_timeout,
             next_index=next_index,
+            on_change=stream.source_changed,
         )
 
     async def tick(self) -> None:
@@ -148,6 +151,7 @@ class Ownership:
         """
         stream = self.stream
         self.log.warn("stream {key}: the owner is gone; taking the stream over", key=stream.key)
+        stream.metrics.owner_changes.inc()
         stream.starting = True
         stream.tasks.run(self._take_over())
 

@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..metrics import DROPPED_WRITE_TIMEOUT
 from .fanout import FanOut
 from .sendpath import batch_writer, direct_writer
 
@@ -133,6 +134,7 @@ class PlayerProducer:
                 if position is not None and first is not None and position < first:
                     # Fell out of the window: jump to the newest chunk.
                     self.skips += 1
+                    self.fanout.metrics.player_skips.inc()
                     self.position = window.next_index - 1
                     self.log.info(
                         "player {player} of {key} fell behind; skipped to live",
@@ -149,7 +151,9 @@ class PlayerProducer:
                 chunk = chunks[0]
                 self._write(chunk.framed if self._chunked else bytes(chunk.data))
             self.position = chunks[-1].index + 1
-            self._sent += sum(chunk.size for chunk in chunks)
+            sent = sum(chunk.size for chunk in chunks)
+            self._sent += sent
+            self.fanout.metrics.sent_bytes.inc(sent)
 
     def _go_live(self) -> None:
         """
@@ -195,6 +199,7 @@ class PlayerProducer:
             key=self.info.key,
             timeout=self.write_timeout,
         )
+        self.fanout.metrics.players_dropped.labels(reason=DROPPED_WRITE_TIMEOUT).inc()
         self.abort()
 
     def _cancel_stall(self) -> None:

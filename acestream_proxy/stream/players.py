@@ -55,6 +55,7 @@ class Players:
             write_timeout=self.tuning.write_timeout,
         )
         self.producers.add(producer)
+        self.fanout.metrics.players.inc()
         self.tasks.run(self.store.add_player(self.key, info.id, self.fields(producer)))
         self.publish(Event.PLAYER_CONNECTED, client_id=info.id)
         self.log.info(
@@ -135,6 +136,7 @@ class Players:
 
     def _gone(self, producer: PlayerProducer) -> None:
         self.producers.discard(producer)
+        self.fanout.metrics.players.dec()
         self.log.info(
             "player {player} left stream {key} after {bytes} bytes",
             player=producer.info.id,

@@ -19,6 +19,7 @@ from ..constants import ACTIVE_STATES, Event, Meta, PlayerField, Role
 from ..engine.api import EngineAPI
 from ..engine.registry import Engine, EngineRegistry
 from ..errors import NoEngine, NotFound, Unavailable
+from ..metrics import DROPPED_LIMIT, Metrics
 from ..store.base import RETRY_AFTER, Store
 from .heartbeat import PlayerHeartbeats
 from .player import PlayerInfo
@@ -44,6 +45,8 @@ class StreamRegistry(MultiService):
     """
     Owns the streams of this worker (its children, named by key) and the
     timers that keep them healthy (engine probes, player heartbeats).
+
+    @ivar metrics: the worker's metrics, handed to every stream.
     """
 
     log = Logger()
@@ -54,6 +57,7 @@ class StreamRegistry(MultiService):
     clock: object
     tuning: Tuning
     worker_id: str = attrs.field(factory=lambda: uuid.uuid4().hex[:12])
+    metrics: Metrics = attrs.field(factory=Metrics)
     streams: dict = attrs.field(factory=dict, init=False)
     accepting: bool = attrs.field(default=True, init=False)
     heartbeats: PlayerHeartbeats = attrs.field(init=False)
@@ -90,6 +94,7 @@ class StreamRegistry(MultiService):
         if this worker has no stream for it.  Fire with a L{Deferred} that
         fires when the player's response should end.
         """
+        asked_at = self.clock.seconds()
         if not self.accepting:
             raise Unavailable("the proxy is shutting down", retry_after=SHUTDOWN_RETRY_AFTER)
         # The player could not be registered, nor a stream started: refuse it
@@ -113,7 +118,7 @@ class StreamRegistry(MultiService):
         # This worker's players are counted here and now; the store's count
         # of them may lag (their registration is not awaited).
         if max(registered, len(stream.players)) >= self.tuning.max_clients_per_stream:
-            raise Unavailable("too many players on this stream", retry_after=LIMIT_RETRY_AFTER)
+            raise self._refused("too many players on this stream")
         address = request.getClientAddress()
         client = PlayerInfo(
             id=uuid.uuid4().hex,
@@ -122,11 +127,38 @@ class StreamRegistry(MultiService):
             user_agent=(request.getHeader(b"user-agent") or b"").decode("latin-1")[:256],
             connected_at=self.clock.seconds(),
         )
-        return stream.add_player(client, request).done
+        producer = stream.add_player(client, request)
+        self._time_join(producer, stream, asked_at)
+        return producer.done
+
+    def _time_join(self, producer, stream: Stream, asked_at: float) -> None:
+        """
+        Observe, in the worker's join histogram, how long the player waited
+        from its request to its first byte: sent already by the player's
+        start (it began a few chunks behind live), or else with the next
+        chunk the stream delivers.
+        """
+        histogram = self.metrics.join_seconds
+        if producer.bytes_sent:
+            histogram.observe(self.clock.seconds() - asked_at)
+            return
+
+        def first(chunk):
+            if producer.bytes_sent:
+                histogram.observe(self.clock.seconds() - asked_at)
+
+        stream.fanout.next_chunk().addCallback(first)
+
+    def _refused(self, why: str) -> Unavailable:
+        """
+        The refusal of a player at a limit, counted as a dropped player.
+        """
+        self.metrics.players_dropped.labels(reason=DROPPED_LIMIT).inc()
+        return Unavailable(why, retry_after=LIMIT_RETRY_AFTER)
 
     def _check_max_clients(self) -> None:
         if sum(len(s.players) for s in self.streams.values()) >= self.tuning.max_clients:
-            raise Unavailable("too many players on this proxy", retry_after=LIMIT_RETRY_AFTER)
+            raise self._refused("too many players on this proxy")
 
     async def _check_max_streams(self, key: str) -> None:
         """
@@ -138,7 +170,7 @@ class StreamRegistry(MultiService):
         active = {s.get(Meta.KEY) for s in streams if s.get(Meta.STATE) in ACTIVE_STATES}
         active.update(self.streams)
         if key not in active and len(active) >= self.tuning.max_streams:
-            raise Unavailable("too many streams", retry_after=LIMIT_RETRY_AFTER)
+            raise self._refused("too many streams")
 
     async def _create(self, key: str, param: str) -> Stream:
         """
@@ -184,6 +216,7 @@ class StreamRegistry(MultiService):
                 choose_engine=self.choose_engine,
                 find_engine=self.engines.by_id,
                 budget=self.budget,
+                metrics=self.metrics,
             )
             self.streams[key] = stream
             self.log.info(

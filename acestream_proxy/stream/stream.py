@@ -36,6 +36,7 @@ from ..constants import Event, Role, StreamState
 from ..engine.api import EngineAPI
 from ..engine.registry import Engine
 from ..errors import EngineError, ProxyError, Unavailable
+from ..metrics import Metrics, StreamCount
 from ..store.base import Store
 from .fanout import FanOut
 from .feed import EngineFeed
@@ -60,6 +61,8 @@ class Stream(MultiService):
         or C{id}); the engine is asked with the same name.
     @ivar choose_engine: picks the engine for a new playback session.
     @ivar find_engine: the configured engine with a given id, if any.
+    @ivar metrics: the worker's metrics; C{counted} is this stream's part
+        of its gauges, moved as the stream's state and session change.
     """
 
     log = Logger()
@@ -77,6 +80,8 @@ class Stream(MultiService):
     #: The worker's cap on all windows' bytes, shared with its other streams.
     budget: WindowBudget | None = None
     started_at: float = 0.0
+    metrics: Metrics = attrs.field(factory=Metrics)
+    counted: StreamCount = attrs.field(init=False)
     tasks: Tasks = attrs.field(init=False)
     fanout: FanOut = attrs.field(init=False)
     lease: OwnerLease = attrs.field(init=False)
@@ -93,6 +98,8 @@ class Stream(MultiService):
         MultiService.__init__(self)
         self.setName(self.key)
         self.started_at = self.clock.seconds()
+        self.counted = StreamCount(self.metrics)
+        self.counted.set_state(StreamState.STARTING)
         self.tasks = Tasks(self.log, self.clock, f"stream {self.key}")
         window = ChunkWindow(
             self.tuning.buffer_chunks,
@@ -101,7 +108,7 @@ class Stream(MultiService):
             max_seconds=self.tuning.buffer_seconds,
             budget=self.budget,
         )
-        self.fanout = FanOut(window, self.tuning.join_chunks)
+        self.fanout = FanOut(window, self.tuning.join_chunks, metrics=self.metrics)
         self.lease = OwnerLease(self.key, self.store, self.clock, self.tuning.owner_lease)
         self.players = Players(
             self.key,
@@ -196,6 +203,22 @@ class Stream(MultiService):
             self.tasks.run(self.source.disownServiceParent())
         self.source = source
         source.setServiceParent(self)
+        if not self.stopping:
+            self.counted.set_state(source.state)
+            self.counted.set_engine(_session_engine(source, getattr(source, "playback", None)))
+
+    def source_changed(self, source, name: str, value) -> None:
+        """
+        C{source} is about to set its C{name} (C{state}, or the engine
+        C{playback} session it holds) to C{value}: move the stream's part
+        of the worker's gauges, if C{source} is still its source.
+        """
+        if source is not self.source or self.stopping:
+            return
+        if name == "state":
+            self.counted.set_state(value)
+        elif name == "playback":
+            self.counted.set_engine(_session_engine(source, value))
 
     async def _start_owner(self, takeover: dict | None) -> None:
         try:
@@ -315,6 +338,8 @@ class Stream(MultiService):
     def stopService(self) -> Deferred:
         if self._stopped is None:
             self._stopped = Deferred()
+            # On its way out: no longer counted in any state or session.
+            self.counted.clear()
             Deferred.fromCoroutine(self._stop(*self._why)).chainDeferred(self._stopped)
         return self._stopped
 
@@ -359,3 +384,13 @@ class Stream(MultiService):
         The stream's metadata as the store keeps it.
         """
         return metadata_of(self)
+
+
+def _session_engine(source, playback) -> str | None:
+    """
+    The id of the engine whose session C{source} reads with C{playback},
+    if it is an engine feed holding one.
+    """
+    if playback is None or not isinstance(source, EngineFeed) or source.engine is None:
+        return None
+    return source.engine.id

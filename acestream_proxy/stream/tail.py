@@ -4,6 +4,8 @@ store's ring buffer, reading each new chunk once (woken by C{chunk_added},
 with a short poll as a safety net) and handing it to this worker's fan-out.
 """
 
+from typing import Callable
+
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, TimeoutError
@@ -14,6 +16,7 @@ from ..constants import StreamState
 from ..errors import EngineTimeout, Unavailable
 from ..store.base import Store
 from .fanout import FanOut
+from .watched import watched
 from .window import Chunk
 
 #: Seconds between safety polls of the ring buffer.
@@ -28,6 +31,7 @@ class BufferTail(MultiService):
     """
     @ivar next_index: the index of the next chunk to read, or L{None} until
         the buffer has one.
+    @ivar on_change: told when C{state} is about to change.
     """
 
     log = Logger()
@@ -40,7 +44,8 @@ class BufferTail(MultiService):
     join_chunks: int
     first_byte_timeout: float
     next_index: int | None = None
-    state: StreamState = StreamState.STARTING
+    state: StreamState = watched(StreamState.STARTING)
+    on_change: Callable[[object, str, object], None] | None = None
     last_data_at: float | None = None
     _reading: bool = attrs.field(default=False, init=False)
     _read_again: bool = attrs.field(default=False, init=False)
