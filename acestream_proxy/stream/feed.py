@@ -195,6 +195,17 @@ class EngineFeed(MultiService):
             )
             self.changed()
 
+    def fail_over(self, why: str) -> bool:
+        """
+        Move a playing stream off its engine (one that was withdrawn), as a
+        reconnection does, and say whether it did.  A feed still opening is
+        left alone: its first session is not abandoned half-made.
+        """
+        if self.state not in (StreamState.STARTED, StreamState.UNHEALTHY) or self._stopped:
+            return False
+        self._reconnect(why)
+        return True
+
     def _reconnect(self, why: str) -> None:
         """
         Replace the playback connection, keeping the players'.
