@@ -150,6 +150,9 @@ class Config:
         engines besides C{engines}; L{None}: the configured engines only.
     @ivar engines_api_key: Sent to C{engines_url} as C{Authorization: Bearer
         KEY}; never shown in the repr or a log line.
+    @ivar engines_events: Report the streams' engine sessions to the
+        orchestrator's C{events/stream_started} and C{events/stream_ended},
+        beside C{engines_url}.
     """
 
     listen: str = "tcp:8000"
@@ -162,6 +165,7 @@ class Config:
     engines_url: str | None = None
     # Not in the repr: it is a secret of the orchestrator's.
     engines_api_key: str | None = attrs.field(default=None, repr=False)
+    engines_events: bool = False
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -219,6 +223,12 @@ def assemble(file_data: Mapping[str, Any], overrides: Mapping[str, Any] | None =
         kwargs["engines_url"] = _orchestrator_url(values["engines_url"])
     if "engines_api_key" in values:
         kwargs["engines_api_key"] = _api_key(values["engines_api_key"])
+    if "engines_events" in values:
+        kwargs["engines_events"] = values["engines_events"]
+        if not isinstance(kwargs["engines_events"], bool):
+            raise ConfigError(
+                f"engines_events: expected true or false, got {_show(values['engines_events'])}"
+            )
     if "engines" in given:
         kwargs["engines"] = tuple(given["engines"])
     elif "engines" in file_data:
@@ -234,6 +244,8 @@ def assemble(file_data: Mapping[str, Any], overrides: Mapping[str, Any] | None =
         _check_engine_ids(config.engines)
     if config.engines_api_key is not None and config.engines_url is None:
         raise ConfigError("engines_api_key: needs engines_url")
+    if config.engines_events and config.engines_url is None:
+        raise ConfigError("engines_events: needs engines_url")
     _check_reuse_port(config.reuse_port, config.listen, config.redis)
     return config
 

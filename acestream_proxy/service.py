@@ -101,7 +101,8 @@ def make_service(config: Config, reactor=None, listen: bool = True) -> MultiServ
     Its children are named: C{store}, C{engine-pool}, C{http} (the
     listener; absent with C{listen=False}, for a caller that listens on
     L{make_site} itself), C{streams} (the L{StreamRegistry}) and, with
-    C{engines_url}, C{orchestrator} (the poller of its engine list).
+    C{engines_url}, C{orchestrator} (the poller of its engine list) and,
+    with C{engines_events}, C{orchestrator-events}.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -146,6 +147,17 @@ def make_service(config: Config, reactor=None, listen: bool = True) -> MultiServ
             api_key=config.engines_api_key,
         )
         _named(orchestrator, "orchestrator", top)
+        if config.engines_events:
+            from .engine.orchestrator import EventReporter
+
+            events = EventReporter(
+                engines_url=config.engines_url,
+                http=http,
+                clock=reactor,
+                streams=lambda: list(streams.streams.values()),
+                api_key=config.engines_api_key,
+            )
+            _named(events, "orchestrator-events", top)
     return top
 
 

@@ -87,7 +87,11 @@ def test_defaults():
     assert config.reuse_port is False
     assert config.redis is None
     assert config.admin_token is None
-    assert (config.engines_url, config.engines_api_key) == (None, None)
+    assert (config.engines_url, config.engines_api_key, config.engines_events) == (
+        None,
+        None,
+        False,
+    )
     assert config.engines == (
         EngineConfig("127.0.0.1:6878", "http://127.0.0.1:6878", forwarded=False),
     )
@@ -719,7 +723,9 @@ def test_engines_url_alone_means_announced_engines_only():
         {},
     )
     assert [e.id for e in both.engines] == ["e.lan:6878"]
-    flags = build({"engines_url": "http://orch.lan/engines"}, {"engines": [engine_from_url("http://f.lan")]})
+    flags = build(
+        {"engines_url": "http://orch.lan/engines"}, {"engines": [engine_from_url("http://f.lan")]}
+    )
     assert [e.id for e in flags.engines] == ["f.lan:80"]
     # Without engines_url, no engine at all is still a mistake.
     assert error_of({"engines": []}) == "engines: expected at least one engine"
@@ -756,4 +762,13 @@ def test_engines_refresh_is_a_duration():
     assert build({"tuning": {"engines_refresh": 2.5}}, {}).tuning.engines_refresh == 2.5
     assert error_of({"tuning": {"engines_refresh": 0}}) == (
         "tuning.engines_refresh: expected a positive number, got 0"
+    )
+
+
+def test_engines_events_needs_engines_url():
+    config = build({"engines_url": "http://orch.lan/engines", "engines_events": True}, {})
+    assert config.engines_events is True
+    assert error_of({"engines_events": True}) == "engines_events: needs engines_url"
+    assert error_of({"engines_url": "http://orch.lan/", "engines_events": "yes"}) == (
+        'engines_events: expected true or false, got "yes"'
     )

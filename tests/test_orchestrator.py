@@ -26,6 +26,7 @@ from acestream_proxy.engine.orchestrator import (
     MAX_ANSWER,
     MAX_ENGINES,
     Announced,
+    EventReporter,
     Orchestrator,
     OrchestratorError,
     parse_engines,
@@ -84,7 +85,10 @@ def test_parse_a_list_and_the_items_wrapper():
         (b"\xff\xfe", "not JSON"),
         (b'{"engines": []}', "not a list"),
         (b"42", "not a list"),
-        (json.dumps([item(f"c{i}", 1000 + i) for i in range(MAX_ENGINES + 1)]).encode(), "more than"),
+        (
+            json.dumps([item(f"c{i}", 1000 + i) for i in range(MAX_ENGINES + 1)]).encode(),
+            "more than",
+        ),
     ],
 )
 def test_unusable_answers_are_refused_whole(body, why):
@@ -133,6 +137,22 @@ class FakeOrchestrator(Resource):
         self.engines = list(engines)
         self.mode = None
         self.requests = []
+        self.events = []
+        self.events_mode = None
+
+    def render_POST(self, request):
+        if self.events_mode == "hang":
+            return NOT_DONE_YET
+        self.events.append(
+            (
+                request.path.decode(),
+                json.loads(request.content.read()),
+                request.requestHeaders.getRawHeaders(b"authorization"),
+            )
+        )
+        if self.events_mode == "500":
+            request.setResponseCode(500)
+        return b"{}"
 
     def render_GET(self, request):
         self.requests.append(request)
@@ -398,6 +418,80 @@ def test_stopping_cancels_the_request_under_way():
     assert cancelled == ["http://orchestrator.test:8000/engines"]
     assert stopped.called
     assert orchestrator.tasks.pending == set()
+    server.stopService()
+
+
+# --- events ------------------------------------------------------------------------
+
+
+def test_streams_are_reported_to_the_events_endpoints(log_events):
+    clock = Clock()
+    fake = FakeOrchestrator([item("c1", 19000, forwarded=True)])
+    server, api, orchestrator, stub = polling(clock, fake)
+    events = EventReporter(
+        engines_url="http://orchestrator.test:8000/engines",
+        http=stub,
+        clock=clock,
+        streams=lambda: list(server.streams.values()),
+        api_key=API_KEY,
+    )
+    events.startService()
+    assert API_KEY not in repr(events)
+    request = FakeRequest()
+    Deferred.fromCoroutine(server.attach(KEY, "infohash", request))
+    api.readers[0].dataReceived(packets(0, 50))
+    server.streams[KEY].source.jitter = lambda: 0.0
+    clock.advance(1)
+    stub.flush()
+    auth = [f"Bearer {API_KEY}".encode()]
+    assert fake.events == [
+        (
+            "/events/stream_started",
+            {
+                "container_id": "c1",
+                "engine": {"host": "127.0.0.1", "port": 19000},
+                "stream": {"key_type": "infohash", "key": KEY},
+                "session": {
+                    "playback_session_id": "session-1",
+                    "stat_url": f"http://127.0.0.1:19000/ace/stat/{KEY}/session-1",
+                    "command_url": f"http://127.0.0.1:19000/ace/cmd/{KEY}/session-1",
+                    "is_live": 1,
+                },
+                "labels": {"stream_id": f"{KEY}|session-1"},
+            },
+            auth,
+        )
+    ]
+    clock.advance(1)
+    stub.flush()
+    assert len(fake.events) == 1, "reported once"
+
+    # A fail-over ends one session and starts another.
+    fake.engines = []
+    clock.pump([1] * 8)
+    stub.flush()
+    api.readers[1].dataReceived(packets(500, 10))
+    clock.advance(1)
+    stub.flush()
+    assert [
+        (path, e["container_id"], e.get("stream_id") or e["labels"]["stream_id"])
+        for path, e, _ in fake.events[1:]
+    ] == [
+        ("/events/stream_ended", "c1", f"{KEY}|session-1"),
+        ("/events/stream_started", "engine-a", f"{KEY}|session-2"),
+    ]
+
+    # An orchestrator that does not answer: the stream goes on, said once.
+    fake.events_mode = "hang"
+    Deferred.fromCoroutine(server.stop_stream(KEY, "test"))
+    clock.pump([1] * 10)
+    stub.flush()
+    [warning] = logged(log_events, "event report failed")
+    assert warning["why"] == "stream_ended: no answer within 5s"
+    assert events.reported == {}
+    assert events.tasks.pending == set()
+    events.stopService()
+    orchestrator.stopService()
     server.stopService()
 
 

@@ -13,12 +13,21 @@ The orchestrator is trusted with the addresses of engines, not with the
 daemon's health: no redirect is followed, the answer is bounded in time
 and size, and whatever is wrong with it (no answer, bad JSON, wrong shape,
 too large) is logged once per change while the last good list stays.
+
+Optionally (C{engines_events}), the streams this worker owns are reported
+to the orchestrator's C{POST /events/stream_started} and
+C{/events/stream_ended}, next to C{engines_url}: fire-and-forget, each
+with a timeout, so that an orchestrator that does not answer never holds a
+stream up.  They are found by looking at the streams every second rather
+than by a hook in the stream's code: a report may come a second late,
+which an orchestrator counting its engines' use can afford.
 """
 
 import ipaddress
 import json
 import re
 from collections.abc import Callable, Iterable
+from urllib.parse import urljoin
 
 import attrs
 import treq
@@ -28,6 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..background import Tasks, periodic
+from ..constants import Role, StreamState
 from .registry import Engine, EngineRegistry
 
 #: Largest answer read: a thousand engines of acestream-orchestrator's
@@ -37,6 +47,12 @@ MAX_ANSWER = 1024 * 1024
 #: Most engines taken from one answer; a longer list is refused whole,
 #: since it is more likely a mistake than a fleet.
 MAX_ENGINES = 1000
+
+#: Seconds between two looks at the streams, for events.
+EVENTS_INTERVAL = 1.0
+
+#: Seconds an event's POST may take; it is dropped after.
+EVENT_TIMEOUT = 5.0
 
 #: A container id: Docker's are 64 hex digits; names and host:port ids fit.
 _ENGINE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
@@ -219,7 +235,9 @@ class Orchestrator(MultiService):
         if response.code != 200:
             _discard(response)
             if 300 <= response.code < 400:
-                raise OrchestratorError(f"it answered a redirect (HTTP {response.code}), not followed")
+                raise OrchestratorError(
+                    f"it answered a redirect (HTTP {response.code}), not followed"
+                )
             raise OrchestratorError(f"it answered HTTP {response.code}")
         if isinstance(response.length, int) and response.length > MAX_ANSWER:
             _discard(response)
@@ -303,6 +321,125 @@ class Orchestrator(MultiService):
             engine=engine_id,
             moved=moved,
         )
+
+
+@attrs.define(eq=False)
+class EventReporter(MultiService):
+    """
+    Tells the orchestrator which engine sessions this worker's streams
+    hold: C{stream_started} when one begins to play (after a fail-over,
+    the new session too), C{stream_ended} when it is gone.  The stream's
+    id for the orchestrator is C{key|playback_session_id}, sent in the
+    started event's labels.  A report that fails is not retried; failures
+    are logged once per change.
+    """
+
+    log = Logger()
+
+    engines_url: str
+    http: object
+    clock: object
+    streams: Callable[[], Iterable]
+    api_key: str | None = attrs.field(default=None, repr=False)
+    interval: float = EVENTS_INTERVAL
+    timeout: float = EVENT_TIMEOUT
+    reported: dict = attrs.field(factory=dict, init=False)
+    tasks: Tasks = attrs.field(init=False)
+    _problem: str | None = attrs.field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        MultiService.__init__(self)
+        self.tasks = Tasks(self.log, self.clock, "the orchestrator events")
+        periodic(self.interval, self.check, self.clock, self.tasks).setServiceParent(self)
+
+    def stopService(self):
+        self.tasks.cancel_all()
+        return MultiService.stopService(self)
+
+    def event_url(self, name: str) -> str:
+        return urljoin(self.engines_url, f"events/{name}")
+
+    def check(self) -> None:
+        playing = {}
+        for stream in list(self.streams()):
+            source = getattr(stream, "source", None)
+            playback = getattr(source, "playback", None)
+            engine = stream.engine
+            if (
+                stream.role is Role.OWNER
+                and getattr(source, "state", None) in (StreamState.STARTED, StreamState.UNHEALTHY)
+                and playback is not None
+                and engine is not None
+            ):
+                playing[f"{stream.key}|{playback.playback_session_id}"] = (
+                    stream,
+                    engine,
+                    playback,
+                )
+        for stream_id, container_id in list(self.reported.items()):
+            if stream_id not in playing:
+                del self.reported[stream_id]
+                event = {"container_id": container_id, "stream_id": stream_id, "reason": "ended"}
+                self.tasks.run(self._post("stream_ended", event))
+        for stream_id, (stream, engine, playback) in playing.items():
+            if stream_id in self.reported:
+                continue
+            self.reported[stream_id] = engine.id
+            event = {
+                "container_id": engine.id,
+                "engine": {"host": engine.host, "port": engine.port},
+                "stream": {
+                    "key_type": "content_id" if stream.param == "id" else "infohash",
+                    "key": stream.key,
+                },
+                "session": {
+                    "playback_session_id": playback.playback_session_id,
+                    "stat_url": playback.stat_url,
+                    "command_url": playback.command_url,
+                    "is_live": playback.is_live,
+                },
+                "labels": {"stream_id": stream_id},
+            }
+            self.tasks.run(self._post("stream_started", event))
+
+    async def _post(self, name: str, event: dict) -> None:
+        headers = {b"Content-Type": [b"application/json"]}
+        if self.api_key is not None:
+            headers[b"Authorization"] = [b"Bearer " + self.api_key.encode("ascii")]
+        try:
+            d = Deferred.fromCoroutine(self._send(name, event, headers))
+            await d.addTimeout(self.timeout, self.clock, _timed_out)
+        except CancelledError:
+            raise
+        except TimeoutError:
+            self._report(f"{name}: no answer within {self.timeout:g}s")
+        except OrchestratorError as e:
+            self._report(f"{name}: {e}")
+        except Exception as e:
+            self._report(f"{name}: {e.__class__.__name__}")
+        else:
+            self._report(None)
+
+    async def _send(self, name: str, event: dict, headers: dict) -> None:
+        response = await self.http.post(
+            self.event_url(name),
+            data=json.dumps(event).encode(),
+            headers=headers,
+            allow_redirects=False,
+        )
+        # What it answers is of no use here: dropped unread.
+        _discard(response)
+        if not 200 <= response.code < 300:
+            raise OrchestratorError(f"it answered HTTP {response.code}")
+
+    def _report(self, problem: str | None) -> None:
+        if problem == self._problem:
+            return
+        if problem is not None:
+            self.log.warn("orchestrator: an event report failed: {why}", why=problem)
+        else:
+            self.log.info("orchestrator: event reports accepted again")
+        self._problem = problem
 
 
 def _read(response) -> Deferred:
