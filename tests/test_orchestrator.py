@@ -7,6 +7,7 @@ each problem logged once); and through real sockets, a player moved from
 an engine the orchestrator withdrew to the other it announced.
 """
 
+import gc
 import json
 
 import attrs
@@ -205,6 +206,17 @@ def log_events():
     globalLogPublisher.removeObserver(events.append)
 
 
+@pytest.fixture(autouse=True)
+def no_traceback(log_events):
+    """
+    Whatever the orchestrator answers, nothing logs a traceback, nor leaves
+    a failed Deferred unhandled (collected now, so that it shows here).
+    """
+    yield
+    gc.collect()
+    assert [e for e in log_events if e.get("log_failure") is not None or e.get("isError")] == []
+
+
 def logged(events, fragment):
     return [e for e in events if fragment in (e.get("log_format") or "")]
 
@@ -233,6 +245,20 @@ def polling(clock, fake, api=None, http=None, **tuning):
     return server, api, orchestrator, stub
 
 
+def shut(server, *services):
+    """
+    Stop C{services}, then the streams (their fake players' transports
+    have no producer for the registry's shutdown to unregister), then the
+    proxy.
+    """
+    for service in services:
+        service.stopService()
+    for key in list(server.streams):
+        stopped = Deferred.fromCoroutine(server.stop_stream(key, "the test is over"))
+        assert stopped.called
+    server.stopService()
+
+
 def ids(server):
     return [engine.id for engine in server.engines.engines]
 
@@ -248,8 +274,9 @@ def test_an_engine_that_appears_is_used_once_its_probe_passes():
 
     # One stream on engine-a; then c1 appears, forwarded, its probe pending.
     request = FakeRequest()
-    Deferred.fromCoroutine(server.attach(KEY, "id", request))
+    attached = Deferred.fromCoroutine(server.attach(KEY, "id", request))
     api.readers[0].dataReceived(packets(0, 10))
+    assert attached.called
     api.pending.add("c1")
     fake.engines = [item("c1", 19000, forwarded=True)]
     clock.advance(10)
@@ -274,8 +301,7 @@ def test_an_engine_that_appears_is_used_once_its_probe_passes():
     clock.advance(10)
     stub.flush()
     assert server.engines.by_id("c1") is c1 and not c1.forwarded
-    orchestrator.stopService()
-    server.stopService()
+    shut(server, orchestrator)
 
 
 def test_an_engine_that_disappears_gets_no_stream_and_its_stream_fails_over(log_events):
@@ -311,10 +337,13 @@ def test_an_engine_that_disappears_gets_no_stream_and_its_stream_fails_over(log_
 
     # New streams never go to c1 again.
     other = FakeRequest()
-    Deferred.fromCoroutine(server.attach("cd" * 20, "id", other))
+    joining = Deferred.fromCoroutine(server.attach("cd" * 20, "id", other))
     assert [engine for engine, _, _ in api.getstreams][-1] == "engine-a"
-    orchestrator.stopService()
-    server.stopService()
+    shut(server, orchestrator)
+    # It never got data: the stop refused it.
+    refused = []
+    joining.addErrback(refused.append)
+    assert "the test is over" in refused[0].getErrorMessage()
 
 
 def test_an_engine_that_moves_is_replaced():
@@ -329,8 +358,7 @@ def test_an_engine_that_moves_is_replaced():
     assert after is not before and after.url == "http://127.0.0.1:19005"
     assert not before.healthy
     assert ids(server) == ["engine-a", "c1"]
-    orchestrator.stopService()
-    server.stopService()
+    shut(server, orchestrator)
 
 
 def test_a_configured_engine_id_is_not_taken_over():
@@ -343,8 +371,7 @@ def test_a_configured_engine_id_is_not_taken_over():
     clock.advance(10)
     stub.flush()
     assert ids(server) == ["engine-a"]
-    orchestrator.stopService()
-    server.stopService()
+    shut(server, orchestrator)
 
 
 @pytest.mark.parametrize(
@@ -382,8 +409,7 @@ def test_a_broken_orchestrator_keeps_the_last_list_and_is_logged_once(mode, why,
     stub.flush()
     assert ids(server) == ["engine-a", "c2"]
     assert len(logged(log_events, "usable again")) == 1
-    orchestrator.stopService()
-    server.stopService()
+    shut(server, orchestrator)
 
 
 def test_left_out_items_are_logged_once_per_change(log_events):
@@ -399,8 +425,7 @@ def test_left_out_items_are_logged_once_per_change(log_events):
     clock.advance(10)
     stub.flush()
     assert len(logged(log_events, "left out")) == 2
-    orchestrator.stopService()
-    server.stopService()
+    shut(server, orchestrator)
 
 
 def test_stopping_cancels_the_request_under_way():
@@ -438,8 +463,9 @@ def test_streams_are_reported_to_the_events_endpoints(log_events):
     events.startService()
     assert API_KEY not in repr(events)
     request = FakeRequest()
-    Deferred.fromCoroutine(server.attach(KEY, "infohash", request))
+    attached = Deferred.fromCoroutine(server.attach(KEY, "infohash", request))
     api.readers[0].dataReceived(packets(0, 50))
+    assert attached.called
     server.streams[KEY].source.jitter = lambda: 0.0
     clock.advance(1)
     stub.flush()
@@ -483,16 +509,15 @@ def test_streams_are_reported_to_the_events_endpoints(log_events):
 
     # An orchestrator that does not answer: the stream goes on, said once.
     fake.events_mode = "hang"
-    Deferred.fromCoroutine(server.stop_stream(KEY, "test"))
+    stopped = Deferred.fromCoroutine(server.stop_stream(KEY, "test"))
     clock.pump([1] * 10)
     stub.flush()
+    assert stopped.called
     [warning] = logged(log_events, "event report failed")
     assert warning["why"] == "stream_ended: no answer within 5s"
     assert events.reported == {}
     assert events.tasks.pending == set()
-    events.stopService()
-    orchestrator.stopService()
-    server.stopService()
+    shut(server, events, orchestrator)
 
 
 # --- through real sockets ----------------------------------------------------------
