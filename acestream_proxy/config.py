@@ -111,6 +111,8 @@ class Tuning:
     engine_timeout: float = 15
     first_byte_timeout: float = 20
     probe_interval: float = 30
+    # How often engines_url (the orchestrator's engine list) is asked.
+    engines_refresh: float = 10
     write_timeout: float = 30
     max_reconnects: int = 5
     max_streams: int = 100
@@ -143,6 +145,14 @@ class Config:
         that several workers of one host, sharing C{redis}, share the port.
     @ivar admin_token: Bearer token required by administrative requests;
         with L{None} they are accepted from loopback addresses only.
+    @ivar engines_url: An orchestrator's engine list (acestream-orchestrator's
+        C{GET /engines}), polled every C{tuning.engines_refresh} seconds for
+        engines besides C{engines}; L{None}: the configured engines only.
+    @ivar engines_api_key: Sent to C{engines_url} as C{Authorization: Bearer
+        KEY}; never shown in the repr or a log line.
+    @ivar engines_events: Report the streams' engine sessions to the
+        orchestrator's C{events/stream_started} and C{events/stream_ended},
+        beside C{engines_url}.
     """
 
     listen: str = "tcp:8000"
@@ -152,6 +162,10 @@ class Config:
     admin_token: str | None = None
     engines: tuple[EngineConfig, ...] = (EngineConfig("127.0.0.1:6878", "http://127.0.0.1:6878"),)
     tuning: Tuning = Tuning()
+    engines_url: str | None = None
+    # Not in the repr: it is a secret of the orchestrator's.
+    engines_api_key: str | None = attrs.field(default=None, repr=False)
+    engines_events: bool = False
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -205,14 +219,33 @@ def assemble(file_data: Mapping[str, Any], overrides: Mapping[str, Any] | None =
         kwargs["redis"] = _redis_url(values["redis"])
     if "admin_token" in values:
         kwargs["admin_token"] = _non_empty_string(values["admin_token"], "admin_token")
+    if "engines_url" in values:
+        kwargs["engines_url"] = _orchestrator_url(values["engines_url"])
+    if "engines_api_key" in values:
+        kwargs["engines_api_key"] = _api_key(values["engines_api_key"])
+    if "engines_events" in values:
+        kwargs["engines_events"] = values["engines_events"]
+        if not isinstance(kwargs["engines_events"], bool):
+            raise ConfigError(
+                f"engines_events: expected true or false, got {_show(values['engines_events'])}"
+            )
     if "engines" in given:
         kwargs["engines"] = tuple(given["engines"])
     elif "engines" in file_data:
         kwargs["engines"] = _file_engines(file_data["engines"])
+    elif "engines_url" in kwargs:
+        # The orchestrator names the engines; the default local engine is
+        # not assumed besides them.
+        kwargs["engines"] = ()
     if "tuning" in file_data:
         kwargs["tuning"] = _tuning(file_data["tuning"])
     config = Config(**kwargs)
-    _check_engine_ids(config.engines)
+    if config.engines or config.engines_url is None:
+        _check_engine_ids(config.engines)
+    if config.engines_api_key is not None and config.engines_url is None:
+        raise ConfigError("engines_api_key: needs engines_url")
+    if config.engines_events and config.engines_url is None:
+        raise ConfigError("engines_events: needs engines_url")
     _check_reuse_port(config.reuse_port, config.listen, config.redis)
     return config
 
@@ -234,6 +267,43 @@ def engine_from_url(
         url=normal,
         forwarded=forwarded,
     )
+
+
+def _orchestrator_url(value: Any) -> str:
+    """
+    An http(s) URL with a host, and a path and query if need be (the
+    orchestrator's engine list is not at its root); no credentials, which
+    belong in C{engines_api_key}, out of the URL and so out of log lines.
+    """
+    if isinstance(value, str) and _is_plain(value) and "#" not in value:
+        try:
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError:
+            parts = port = None
+        if (
+            parts is not None
+            and parts.scheme.lower() in _DEFAULT_PORTS
+            and parts.hostname
+            and "@" not in parts.netloc
+            and port != 0
+        ):
+            return value
+    if isinstance(value, str) and "@" in value:
+        value = value.split("://", 1)[0] + "://***@" + value.rpartition("@")[2]
+    raise ConfigError(
+        f"engines_url: expected an http(s) URL with a host and no credentials, got {_show(value)}"
+    )
+
+
+def _api_key(value: Any) -> str:
+    """
+    A non-empty header value on one line: anything else would split the
+    request head.  The key itself is never shown.
+    """
+    if not isinstance(value, str) or not value or not all(" " <= c <= "~" for c in value):
+        raise ConfigError("engines_api_key: expected a non-empty string of printable ASCII")
+    return value
 
 
 def _names(cls: type) -> frozenset[str]:

@@ -30,6 +30,7 @@ STATE_LABELS = {
 #: Why a stream's engine connection was replaced.
 RECONNECT_ENGINE_ENDED = "engine_ended"
 RECONNECT_NO_DATA = "no_data"
+RECONNECT_ENGINE_WITHDRAWN = "engine_withdrawn"
 
 #: Why a player was dropped or refused.
 DROPPED_WRITE_TIMEOUT = "write_timeout"
@@ -105,7 +106,7 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
-        for reason in (RECONNECT_ENGINE_ENDED, RECONNECT_NO_DATA):
+        for reason in (RECONNECT_ENGINE_ENDED, RECONNECT_NO_DATA, RECONNECT_ENGINE_WITHDRAWN):
             self.reconnects.labels(reason=reason)
         self.player_skips = Counter(
             "aceproxy_player_skips",

@@ -103,7 +103,9 @@ def make_service(config: Config, reactor=None, listen: bool = True) -> MultiServ
 
     Its children are named: C{store}, C{engine-pool}, C{http} (the
     listener; absent with C{listen=False}, for a caller that listens on
-    L{make_site} itself) and C{streams} (the L{StreamRegistry}).
+    L{make_site} itself), C{streams} (the L{StreamRegistry}) and, with
+    C{engines_url}, C{orchestrator} (the poller of its engine list) and,
+    with C{engines_events}, C{orchestrator-events}.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -136,6 +138,33 @@ def make_service(config: Config, reactor=None, listen: bool = True) -> MultiServ
             listener = strports.service(config.listen, site, reactor=reactor)
         _named(listener, "http", top)
     _named(streams, "streams", top)
+    if config.engines_url is not None:
+        # Added last, so stopped first: no engine is withdrawn, nor stream
+        # failed over, while the streams wind down.
+        from .engine.orchestrator import Orchestrator
+
+        orchestrator = Orchestrator(
+            url=config.engines_url,
+            http=http,
+            clock=reactor,
+            registry=engines,
+            streams=lambda: list(streams.streams.values()),
+            refresh_interval=tuning.engines_refresh,
+            timeout=tuning.engine_timeout,
+            api_key=config.engines_api_key,
+        )
+        _named(orchestrator, "orchestrator", top)
+        if config.engines_events:
+            from .engine.orchestrator import EventReporter
+
+            events = EventReporter(
+                engines_url=config.engines_url,
+                http=http,
+                clock=reactor,
+                streams=lambda: list(streams.streams.values()),
+                api_key=config.engines_api_key,
+            )
+            _named(events, "orchestrator-events", top)
     return top
 
 

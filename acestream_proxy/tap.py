@@ -23,13 +23,15 @@ PLAIN_LISTEN_TYPES = frozenset({"tcp", "tcp6", "unix", "systemd"})
 
 def tls_needed(config: Config) -> bool:
     """
-    Whether a daemon running C{config} may use TLS: an C{https} engine; a
-    Redis store, whatever its URL (C{rediss} is TLS, and txredisapi imports
+    Whether a daemon running C{config} may use TLS: an C{https} engine or
+    C{https} orchestrator (C{engines_url}, asked at runtime, long after
+    this decision is taken for good); a Redis store, whatever its URL (C{rediss} is TLS, and txredisapi imports
     Twisted's TLS module even for plain Redis); or a listen endpoint other
     than plain TCP, a UNIX socket or a systemd-passed socket.
     """
     return (
-        any(engine.url.startswith("https:") for engine in config.engines)
+        any(engine.url.lower().startswith("https:") for engine in config.engines)
+        or (config.engines_url or "").lower().startswith("https:")
         or config.redis is not None
         or config.listen.split(":", 1)[0].lower() not in PLAIN_LISTEN_TYPES
     )
@@ -58,11 +60,11 @@ def forgo_tls_unless_needed(config: Config, modules: MutableMapping = sys.module
     (see the README).
 
     The decision is made once, from the configuration the daemon starts
-    with: once the reactor is imported it cannot be taken back.  Nothing
-    adds an engine or reloads the configuration at runtime today; a future
-    source of C{https} URLs at runtime (a reloaded file, engines announced
-    by an orchestrator) must be part of this decision, keeping TLS
-    importable whenever it is configured.
+    with: once the reactor is imported it cannot be taken back.  Engines
+    announced at runtime by an orchestrator are always plain C{http} (it
+    names a host and a port only), but the orchestrator itself may be
+    C{https}: L{tls_needed} counts it.  Any future source of C{https} URLs
+    at runtime must be part of this decision too.
 
     Nothing is done if pyOpenSSL is already imported (by whatever imported
     it first, a test runner for instance) or already made unimportable.

@@ -87,6 +87,11 @@ def test_defaults():
     assert config.reuse_port is False
     assert config.redis is None
     assert config.admin_token is None
+    assert (config.engines_url, config.engines_api_key, config.engines_events) == (
+        None,
+        None,
+        False,
+    )
     assert config.engines == (
         EngineConfig("127.0.0.1:6878", "http://127.0.0.1:6878", forwarded=False),
     )
@@ -113,6 +118,7 @@ def test_defaults():
         "engine_timeout": 15,
         "first_byte_timeout": 20,
         "probe_interval": 30,
+        "engines_refresh": 10,
         "write_timeout": 30,
         "max_reconnects": 5,
         "max_streams": 100,
@@ -651,7 +657,7 @@ def test_example_file_equals_defaults():
     # Every tuning key is spelled out, so the example documents them all.
     assert set(data["tuning"]) == {field.name for field in attrs.fields(Tuning)}
     text = EXAMPLE.read_text(encoding="utf-8")
-    for name in ["redis", "admin_token"]:
+    for name in ["redis", "admin_token", "engines_url", "engines_api_key"]:
         assert re.search(rf"^#\s+{name} = ", text, re.MULTILINE)
     assert re.search(r"^reuse_port = false$", text, re.MULTILINE)
 
@@ -705,3 +711,64 @@ def test_the_redis_password_is_not_in_the_config_repr():
     config = build({"redis": "redis://:hunter2-secret@127.0.0.1:6379/0"}, {})
     assert config.redis == "redis://:hunter2-secret@127.0.0.1:6379/0"
     assert "hunter2-secret" not in repr(config)
+
+
+def test_engines_url_alone_means_announced_engines_only():
+    config = build({"engines_url": "https://orch.lan:8443/engines"}, {})
+    assert config.engines == ()
+    assert config.engines_url == "https://orch.lan:8443/engines"
+    assert config.tuning.engines_refresh == 10
+    both = build(
+        {"engines_url": "http://orch.lan/engines", "engines": [{"url": "http://e.lan:6878"}]},
+        {},
+    )
+    assert [e.id for e in both.engines] == ["e.lan:6878"]
+    flags = build(
+        {"engines_url": "http://orch.lan/engines"}, {"engines": [engine_from_url("http://f.lan")]}
+    )
+    assert [e.id for e in flags.engines] == ["f.lan:80"]
+    # Without engines_url, no engine at all is still a mistake.
+    assert error_of({"engines": []}) == "engines: expected at least one engine"
+
+
+@pytest.mark.parametrize(
+    "value, shown",
+    [
+        ("ftp://orch.lan/engines", '"ftp://orch.lan/engines"'),
+        ("http:///engines", '"http:///engines"'),
+        ("http://orch.lan/engines#x", '"http://orch.lan/engines#x"'),
+        ("http://orch .lan/engines", '"http://orch .lan/engines"'),
+        ("http://admin:pw@orch.lan/engines", '"http://***@orch.lan/engines"'),
+        (8000, "8000"),
+    ],
+)
+def test_bad_engines_url(value, shown):
+    assert error_of({"engines_url": value}) == (
+        f"engines_url: expected an http(s) URL with a host and no credentials, got {shown}"
+    )
+
+
+def test_the_orchestrator_api_key_is_checked_and_never_shown():
+    config = build({"engines_url": "http://orch.lan/engines", "engines_api_key": "k3y-s3cret"}, {})
+    assert config.engines_api_key == "k3y-s3cret"
+    assert "k3y-s3cret" not in repr(config)
+    assert error_of({"engines_api_key": "k3y-s3cret"}) == "engines_api_key: needs engines_url"
+    message = error_of({"engines_url": "http://orch.lan/", "engines_api_key": "two\nlines"})
+    assert message == "engines_api_key: expected a non-empty string of printable ASCII"
+    assert error_of({"engines_url": "http://orch.lan/", "engines_api_key": ""}) == message
+
+
+def test_engines_refresh_is_a_duration():
+    assert build({"tuning": {"engines_refresh": 2.5}}, {}).tuning.engines_refresh == 2.5
+    assert error_of({"tuning": {"engines_refresh": 0}}) == (
+        "tuning.engines_refresh: expected a positive number, got 0"
+    )
+
+
+def test_engines_events_needs_engines_url():
+    config = build({"engines_url": "http://orch.lan/engines", "engines_events": True}, {})
+    assert config.engines_events is True
+    assert error_of({"engines_events": True}) == "engines_events: needs engines_url"
+    assert error_of({"engines_url": "http://orch.lan/", "engines_events": "yes"}) == (
+        'engines_events: expected true or false, got "yes"'
+    )

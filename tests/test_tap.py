@@ -33,6 +33,11 @@ def config(**settings):
         ({"engines": [{"url": "http://10.0.0.1:6878"}, {"url": "http://e.lan"}]}, False),
         ({"engines": [{"url": "http://10.0.0.1:6878"}, {"url": "https://e.lan"}]}, True),
         ({"engines": [{"url": "HTTPS://e.lan:8443"}]}, True),
+        # An orchestrator is asked at runtime, after the decision: its
+        # scheme decides, whatever the engines it will announce.
+        ({"engines_url": "http://orch.lan:8000/engines"}, False),
+        ({"engines_url": "https://orch.lan/engines"}, True),
+        ({"engines_url": "HTTPS://orch.lan/engines", "engines": [{"url": "http://e.lan"}]}, True),
         ({"redis": "rediss://db.lan:6380"}, True),
         # txredisapi imports Twisted's TLS module whatever the URL.
         ({"redis": "redis://db.lan"}, True),

@@ -80,6 +80,30 @@ class EngineRegistry:
     def select(self, loads: Mapping[str, int], exclude: Collection[str] = ()) -> Engine | None:
         return select_engine(self.engines, loads, exclude)
 
+    def add(self, engine: Engine) -> None:
+        """
+        Take a new engine (one an orchestrator announced) after the others,
+        so that among equals the configured engines still come first.
+        """
+        self.engines.append(engine)
+
+    def remove(self, engine_id: str) -> Engine | None:
+        """
+        Forget an engine, so that it gets no new stream; it is marked
+        unhealthy too, so that a stream reconnecting from it goes elsewhere.
+        """
+        engine = self.by_id(engine_id)
+        if engine is not None:
+            self.engines.remove(engine)
+            engine.healthy = False
+        return engine
+
+    def probe_one(self, engine: Engine) -> Deferred:
+        """
+        Probe one engine now: a new one is used once it passes.
+        """
+        return Deferred.fromCoroutine(self._probe(engine))
+
     def probe(self):
         """
         Probe every engine once; fire when all have answered or failed.

@@ -26,7 +26,12 @@ from ..engine.api import EngineAPI, Playback
 from ..engine.reader import EngineReader
 from ..engine.registry import Engine
 from ..errors import EngineError, EngineTimeout, ProxyError
-from ..metrics import RECONNECT_ENGINE_ENDED, RECONNECT_NO_DATA, Metrics
+from ..metrics import (
+    RECONNECT_ENGINE_ENDED,
+    RECONNECT_ENGINE_WITHDRAWN,
+    RECONNECT_NO_DATA,
+    Metrics,
+)
 from .fanout import FanOut
 from .health import Verdict, check_interval, judge_silence, reconnect_delays
 from .watched import watched
@@ -204,6 +209,17 @@ class EngineFeed(MultiService):
                 silent=silent,
             )
             self.changed()
+
+    def fail_over(self, why: str) -> bool:
+        """
+        Move a playing stream off its engine (one that was withdrawn), as a
+        reconnection does, and say whether it did.  A feed still opening is
+        left alone: its first session is not abandoned half-made.
+        """
+        if self.state not in (StreamState.STARTED, StreamState.UNHEALTHY) or self._stopped:
+            return False
+        self._reconnect(why, RECONNECT_ENGINE_WITHDRAWN)
+        return True
 
     def _reconnect(self, why: str, reason: str) -> None:
         """
