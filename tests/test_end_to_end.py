@@ -28,7 +28,7 @@ from acestream_proxy.stream.mpegts import PACKET_SIZE
 from acestream_proxy.testing.engine import content_tag
 from acestream_proxy.testing.synthetic import verify
 
-from .support import HASHES, Player
+from .support import HASHES, Player, check_whole_packets
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = HASHES[0]
@@ -277,6 +277,10 @@ async def get_json(url: str):
 
 
 def check_stream(data: bytes, key: str = KEY):
+    """
+    A finished body: whole packets of C{key}'s broadcast, in order (a body
+    still arriving is judged with L{check_whole_packets}).
+    """
     report = verify(data, content_tag=content_tag(key))
     assert report.ok, report.describe()
     return report
@@ -300,7 +304,7 @@ async def test_two_players_share_one_engine_session_until_sigterm(spawn):
     assert [p.response.code for p in players] == [200, 200]
     for player in players:
         await player.wait_bytes(int(ONE_SECOND_BYTES * 1.05))
-        report = check_stream(bytes(player.data))
+        report = check_whole_packets(player.data, KEY)
         assert report.data_packets >= PACKETS_PER_SECOND, report.describe()
 
     streams = await get_json(f"{proxy_url}/streams")
@@ -401,7 +405,7 @@ async def test_daemon_with_plain_http_urls_loads_no_tls(spawn):
     player = await Player.open(f"{proxy_url}/ace/getstream?id={KEY}")
     assert player.response.code == 200, proxy.output()
     await player.wait_bytes(ONE_SECOND_BYTES // 4)
-    check_stream(bytes(player.data))
+    check_whole_packets(player.data, KEY)
     assert tls_mapped(proxy) == [], proxy.output()
     player.disconnect()
 
@@ -450,7 +454,7 @@ async def test_demo_serves_its_url_and_stops_on_ctrl_c(spawn):
     player = await Player.open(url)
     assert player.response.code == 200, demo.output()
     await player.wait_bytes(200_000)
-    check_stream(bytes(player.data), key)
+    check_whole_packets(player.data, key)
 
     demo.send_signal("INT")
     assert await player.ended.addTimeout(10, reactor) is True, demo.output()
@@ -494,7 +498,7 @@ async def test_systemd_socket_activation(spawn, tmp_path):
         assert health["status"] == "ok"
         player = await Player.open(f"{url}/ace/getstream?id={KEY}")
         await player.wait_bytes(ONE_SECOND_BYTES // 4)
-        check_stream(bytes(player.data))
+        check_whole_packets(player.data, KEY)
         player.disconnect()
     finally:
         if not daemon.ended:
