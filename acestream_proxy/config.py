@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from .channels import ChannelConfig, Network, file_channels, trusted_networks
 from .config_checks import (
     ConfigError,
     _check_reuse_port,
@@ -143,6 +144,9 @@ class Config:
         that several workers of one host, sharing C{redis}, share the port.
     @ivar admin_token: Bearer token required by administrative requests;
         with L{None} they are accepted from loopback addresses only.
+    @ivar channels: What C{GET /playlist.m3u} lists.
+    @ivar trusted_proxies: Networks whose C{X-Forwarded-Host} and
+        C{X-Forwarded-Proto} the playlist believes.
     """
 
     listen: str = "tcp:8000"
@@ -152,6 +156,8 @@ class Config:
     admin_token: str | None = None
     engines: tuple[EngineConfig, ...] = (EngineConfig("127.0.0.1:6878", "http://127.0.0.1:6878"),)
     tuning: Tuning = Tuning()
+    channels: tuple[ChannelConfig, ...] = ()
+    trusted_proxies: tuple[Network, ...] = ()
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -211,6 +217,10 @@ def assemble(file_data: Mapping[str, Any], overrides: Mapping[str, Any] | None =
         kwargs["engines"] = _file_engines(file_data["engines"])
     if "tuning" in file_data:
         kwargs["tuning"] = _tuning(file_data["tuning"])
+    if "channels" in values:
+        kwargs["channels"] = file_channels(values["channels"])
+    if "trusted_proxies" in values:
+        kwargs["trusted_proxies"] = trusted_networks(values["trusted_proxies"])
     config = Config(**kwargs)
     _check_engine_ids(config.engines)
     _check_reuse_port(config.reuse_port, config.listen, config.redis)

@@ -19,6 +19,7 @@ from ..errors import BadRequest, Forbidden, ProxyError, Unauthorized
 from ..stream.registry import StreamRegistry
 from . import views
 from .limits import ClientLimits, is_loopback
+from .playlist import Playlist
 from .site import ProxySite
 
 _HASH = re.compile(r"[0-9a-fA-F]{40}")
@@ -80,6 +81,7 @@ class ProxyWeb:
     streams: StreamRegistry
     admin_token: str | None = None
     limits: ClientLimits | None = None
+    playlist: Playlist = Playlist()
 
     def resource(self):
         return _Routes(self.app)
@@ -97,6 +99,10 @@ class ProxyWeb:
         done = await self.streams.attach(key, param, request)
         await done
         return None
+
+    @app.route("/playlist.m3u", methods=["GET", "HEAD"])
+    def playlist_m3u(self, request):
+        return self.playlist.render(request)
 
     # Inspection and control
 
@@ -207,7 +213,9 @@ def make_site(streams: StreamRegistry, config, exempt=is_loopback) -> ProxySite:
     """
     tuning = config.tuning
     limits = ClientLimits.from_tuning(tuning, streams.clock, exempt)
-    web = ProxyWeb(streams, config.admin_token, limits)
+    web = ProxyWeb(
+        streams, config.admin_token, limits, Playlist(config.channels, config.trusted_proxies)
+    )
     return ProxySite(web.resource(), limits, tuning.header_timeout, reactor=streams.clock)
 
 
