@@ -9,6 +9,7 @@ reads them; the configuration merely carries them.
 
 import ipaddress
 import re
+import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
@@ -111,9 +112,11 @@ def _attribute(table: Mapping[str, Any], name: str, key: str) -> str | None:
 
 
 def _has_control(text: str) -> bool:
-    return any(not c.isprintable() and c != " " for c in text) or any(
-        c in text for c in "\u2028\u2029"
-    )
+    """
+    Control characters (tabs and line breaks among them) and Unicode's line
+    and paragraph separators, which some players take for line ends.
+    """
+    return any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text)
 
 
 def trusted_networks(value: Any) -> tuple[Network, ...]:

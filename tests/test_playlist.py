@@ -39,7 +39,7 @@ CHANNELS = [
         "tvg_id": "sport1.example",
     },
     {"name": "News, live", "infohash": TWO},
-    {"name": "Film «4K»", "id": THREE, "group": "Films"},
+    {"name": "Film\u00a0«4K»", "id": THREE, "group": "Films"},
 ]
 LOGO = "http://logos.example/1.png"
 
@@ -73,7 +73,7 @@ def test_channels_from_the_file():
     assert config.channels == (
         ChannelConfig("Sport One", ONE, "id", "Sport", LOGO, "sport1.example"),
         ChannelConfig("News, live", TWO, "infohash"),
-        ChannelConfig("Film «4K»", THREE, "id", "Films"),
+        ChannelConfig("Film\u00a0«4K»", THREE, "id", "Films"),
     )
     assert config.trusted_proxies == (
         ipaddress.ip_network("10.0.0.0/8"),
@@ -101,6 +101,8 @@ def test_channels_from_the_file():
         ([channel(name="A\nhttp://evil")], "channels[0].name: must not contain line breaks"),
         ([channel(), channel(group='Sp"ort')], "channels[1].group: must not contain double quotes"),
         ([channel(logo="http://x/\r\n1.png")], "channels[0].logo: must not contain"),
+        ([channel(tvg_id="a\u2028b")], "channels[0].tvg_id: must not contain"),
+        ([channel(name="A\x00")], "channels[0].name: must not contain"),
         ([channel(tvg_id="")], 'channels[0].tvg_id: expected a non-empty string, got ""'),
         ([channel(tvg_id=3)], "channels[0].tvg_id: expected a non-empty string, got 3"),
         ([channel(**{"tvg-id": "x"})], "unknown key: channels[0].tvg-id"),
@@ -218,7 +220,7 @@ def expected_playlist(base: str) -> bytes:
         f"{base}/ace/getstream?id={ONE}\n"
         "#EXTINF:-1,News, live\n"
         f"{base}/ace/getstream?infohash={TWO}\n"
-        '#EXTINF:-1 group-title="Films",Film «4K»\n'
+        '#EXTINF:-1 group-title="Films",Film\u00a0«4K»\n'
         f"{base}/ace/getstream?id={THREE}\n"
     ).encode("utf-8")
 
