@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from .channels import ChannelConfig, Network, file_channels, trusted_networks
 from .config_checks import (
     ConfigError,
     _check_reuse_port,
@@ -153,6 +154,9 @@ class Config:
     @ivar engines_events: Report the streams' engine sessions to the
         orchestrator's C{events/stream_started} and C{events/stream_ended},
         beside C{engines_url}.
+    @ivar channels: What C{GET /playlist.m3u} lists.
+    @ivar trusted_proxies: Networks whose C{X-Forwarded-Host} and
+        C{X-Forwarded-Proto} the playlist believes.
     """
 
     listen: str = "tcp:8000"
@@ -166,6 +170,8 @@ class Config:
     # Not in the repr: it is a secret of the orchestrator's.
     engines_api_key: str | None = attrs.field(default=None, repr=False)
     engines_events: bool = False
+    channels: tuple[ChannelConfig, ...] = ()
+    trusted_proxies: tuple[Network, ...] = ()
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -239,6 +245,10 @@ def assemble(file_data: Mapping[str, Any], overrides: Mapping[str, Any] | None =
         kwargs["engines"] = ()
     if "tuning" in file_data:
         kwargs["tuning"] = _tuning(file_data["tuning"])
+    if "channels" in values:
+        kwargs["channels"] = file_channels(values["channels"])
+    if "trusted_proxies" in values:
+        kwargs["trusted_proxies"] = trusted_networks(values["trusted_proxies"])
     config = Config(**kwargs)
     if config.engines or config.engines_url is None:
         _check_engine_ids(config.engines)

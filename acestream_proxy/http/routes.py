@@ -20,6 +20,7 @@ from ..metrics import DROPPED_LIMIT
 from ..stream.registry import StreamRegistry
 from . import views
 from .limits import ClientLimits, is_loopback
+from .playlist import Playlist
 from .site import ProxySite
 from .status import asset, status_view
 
@@ -82,6 +83,7 @@ class ProxyWeb:
     streams: StreamRegistry
     admin_token: str | None = None
     limits: ClientLimits | None = None
+    playlist: Playlist = Playlist()
 
     def resource(self):
         return _Routes(self.app)
@@ -99,6 +101,10 @@ class ProxyWeb:
         done = await self.streams.attach(key, param, request)
         await done
         return None
+
+    @app.route("/playlist.m3u", methods=["GET", "HEAD"])
+    def playlist_m3u(self, request):
+        return self.playlist.render(request)
 
     # Inspection and control
 
@@ -244,7 +250,9 @@ def make_site(streams: StreamRegistry, config, exempt=is_loopback) -> ProxySite:
     """
     tuning = config.tuning
     limits = ClientLimits.from_tuning(tuning, streams.clock, exempt)
-    web = ProxyWeb(streams, config.admin_token, limits)
+    web = ProxyWeb(
+        streams, config.admin_token, limits, Playlist(config.channels, config.trusted_proxies)
+    )
     return ProxySite(web.resource(), limits, tuning.header_timeout, reactor=streams.clock)
 
 
