@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 SOURCES := setup.cfg pyproject.toml $(shell find acestream_proxy twisted -name '*.py') \
 	$(wildcard acestream_proxy/http/static/*)
 TWISTD_ARGS ?=
+# e.g. DEMO_ARGS="--listen tcp:8000" to let a TV on the LAN play the demo
+DEMO_ARGS ?=
 PYTEST_ARGS ?=
 # e.g. BENCH_ARGS="--players 1,100 --duration 10 --peer 'acexy=...'" (see README.rst)
 BENCH_ARGS ?=
@@ -20,12 +22,19 @@ $(BIN)/python:
 # cache is rebuilt then, not by the next twistd: rebuilding it imports every
 # plugin module, Twisted's endpoints among them, which load the TLS stack
 # before the daemon decides whether it needs it.
+# `make test` installs the test extras too; `make run` and `make demo` only
+# what running needs (.installed-run).
 $(VENV)/.installed: $(BIN)/python $(SOURCES)
 	$(BIN)/pip install -q '.[test]'
 	$(BIN)/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
 	@touch $@
 
-run: $(VENV)/.installed
+$(VENV)/.installed-run: $(BIN)/python $(SOURCES)
+	$(BIN)/pip install -q .
+	$(BIN)/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
+	@touch $@
+
+run: $(VENV)/.installed-run
 	$(BIN)/twistd -n aceproxy $(TWISTD_ARGS)
 
 # The status page's tests render it in a headless Chromium (Debian's
@@ -37,8 +46,8 @@ test: $(VENV)/.installed
 	@sh contrib/test-tools.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-demo: $(VENV)/.installed
-	$(BIN)/python -m acestream_proxy.testing.demo
+demo: $(VENV)/.installed-run
+	$(BIN)/python -m acestream_proxy.testing.demo $(DEMO_ARGS)
 
 # One table: every target at 1, 100, 300 and 1000 players, measured in the same run.
 bench: $(VENV)/.installed

@@ -163,7 +163,10 @@ class Config:
     reuse_port: bool = False
     # Not in the repr: the URL may carry Redis' password.
     redis: str | None = attrs.field(default=None, repr=False)
-    admin_token: str | None = None
+    admin_token: str | None = attrs.field(default=None, repr=False)
+    #: C{text} (twistd's lines) or C{json}: one JSON object per line with
+    #: each event's structured fields, for journald or Loki.
+    log_format: str = "text"
     engines: tuple[EngineConfig, ...] = (EngineConfig("127.0.0.1:6878", "http://127.0.0.1:6878"),)
     tuning: Tuning = Tuning()
     engines_url: str | None = None
@@ -235,6 +238,8 @@ def assemble(file_data: Mapping[str, Any], overrides: Mapping[str, Any] | None =
             raise ConfigError(
                 f"engines_events: expected true or false, got {_show(values['engines_events'])}"
             )
+    if "log_format" in values:
+        kwargs["log_format"] = _log_format(values["log_format"])
     if "engines" in given:
         kwargs["engines"] = tuple(given["engines"])
     elif "engines" in file_data:
@@ -258,6 +263,16 @@ def assemble(file_data: Mapping[str, Any], overrides: Mapping[str, Any] | None =
         raise ConfigError("engines_events: needs engines_url")
     _check_reuse_port(config.reuse_port, config.listen, config.redis)
     return config
+
+
+#: The values of C{log_format}.
+LOG_FORMATS = ("text", "json")
+
+
+def _log_format(value: Any) -> str:
+    if value not in LOG_FORMATS:
+        raise ConfigError(f"log_format: expected \"text\" or \"json\", got {_show(value)}")
+    return value
 
 
 def engine_from_url(

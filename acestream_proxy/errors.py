@@ -34,10 +34,16 @@ class NotFound(ProxyError):
 
 class NoEngine(ProxyError):
     """
-    No healthy engine can take the stream.
+    No healthy engine can take the stream.  The message names the engines
+    tried and why each failed; C{retry_after} is sent as C{Retry-After},
+    since an engine starting up is usually there seconds later.
     """
 
     status = 503
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Unavailable(ProxyError):

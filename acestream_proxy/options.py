@@ -43,6 +43,12 @@ class Options(usage.Options):
             None,
             "Bearer token for administrative requests [default: none: loopback only].",
         ],
+        [
+            "log-format",
+            None,
+            None,
+            "text or json (one JSON object per line, with each event's fields) [default: text].",
+        ],
     ]
     optFlags = [
         [
@@ -88,6 +94,7 @@ class Options(usage.Options):
                     "reuse_port": True if self["reuse-port"] else None,
                     "redis": self["redis"],
                     "admin_token": self["admin-token"],
+                    "log_format": self["log-format"],
                     "engines": engines,
                 },
             )

@@ -9,16 +9,15 @@ import re
 import resource
 import uuid
 
-from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import succeed
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from .config import Config, Tuning
 from .engine.api import EngineAPI, EngineClient
 from .engine.registry import Engine, EngineRegistry
-from .http.reuseport import reuse_port_service
+from .http.listening import listening_service
 from .http.routes import make_site
 from .metrics import Metrics
 from .store.memory import MemoryStore
@@ -61,6 +60,20 @@ class _ConnectionPool(Service):
     def stopService(self):
         super().stopService()
         return self.pool.closeCachedConnections()
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
+class QuietConnectionPool(HTTPConnectionPool):
+    """
+    The engine client's pool, whose connections do not log C{Starting
+    factory} and C{Stopping factory}: a probe or an API call that opens a
+    connection would otherwise log two lines an operator has no use for.
+    """
+
+    _factory = _QuietClientFactory
 
 
 def make_store(config: Config, reactor, worker_id: str, metrics: Metrics | None = None):
@@ -119,7 +132,7 @@ def make_service(config: Config, reactor=None, listen: bool = True) -> MultiServ
     store = make_store(config, reactor, worker_id, metrics)
     if isinstance(store, Service):
         _named(store, "store", top)
-    pool = HTTPConnectionPool(reactor)
+    pool = QuietConnectionPool(reactor)
     _named(_ConnectionPool(pool), "engine-pool", top)
     # An EngineClient follows no redirect: engines are reached at their
     # configured address only.
@@ -132,10 +145,7 @@ def make_service(config: Config, reactor=None, listen: bool = True) -> MultiServ
     if listen:
         warn_if_loopback_is_admin(config)
         site = make_site(streams, config)
-        if config.reuse_port:
-            listener = reuse_port_service(reactor, config.listen, site)
-        else:
-            listener = strports.service(config.listen, site, reactor=reactor)
+        listener = listening_service(reactor, config.listen, site, config.reuse_port)
         _named(listener, "http", top)
     _named(streams, "streams", top)
     if config.engines_url is not None:

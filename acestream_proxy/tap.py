@@ -10,8 +10,10 @@ import sys
 from collections.abc import MutableMapping
 
 from twisted.application.service import IService
+from twisted.python import usage
 
 from .config import Config
+from .config_checks import ConfigError
 from .options import Options as CommandLine
 
 __all__ = ["Options", "makeService", "tls_needed", "forgo_tls_unless_needed"]
@@ -84,11 +86,34 @@ class Options(CommandLine):
     def assembled(self, config: Config) -> None:
         forgo_tls_unless_needed(config)
 
+    def parseOptions(self, options=None) -> None:
+        """
+        A mistake on the command line or in the configuration ends twistd
+        with one line on standard error naming it, and status 1: twistd
+        would print its whole usage text first, burying the line.
+        """
+        try:
+            super().parseOptions(options)
+            server = getattr(self, "parent", None)
+            if self.config.log_format == "json" and server is not None and server.get("logger"):
+                raise usage.UsageError("log_format json and twistd's --logger exclude each other")
+        except usage.UsageError as e:
+            # A setting's error names its key; a flag's points to the flags.
+            hint = "" if isinstance(e.__context__, ConfigError) else " (see: twistd aceproxy --help)"
+            sys.stderr.write(f"aceproxy: {e}{hint}\n")
+            sys.stderr.flush()
+            raise SystemExit(1) from None
+
 
 def makeService(options: Options) -> IService:
     """
-    The twistd plugin's entry point: the daemon of L{make_service}.
+    The twistd plugin's entry point: the daemon of L{make_service}, as
+    twistd runs it (L{acestream_proxy.logs.Daemon}: its log format, and
+    one line if it cannot listen).
     """
+    from .logs import Daemon, json_observer
     from .service import make_service
 
-    return make_service(options.config)
+    server = getattr(options, "parent", None) or {}
+    observer = json_observer(server) if options.config.log_format == "json" else None
+    return Daemon(make_service(options.config), observer, server.get("pidfile"))

@@ -493,6 +493,8 @@ async def test_systemd_socket_activation(spawn, tmp_path):
     listening.close()
     try:
         await daemon.wait_for_line(PROXY_LISTENING)
+        # Healthy once its engine has passed the first probe.
+        await daemon.wait_for_line(r"engine \S+ is healthy")
         url = f"http://127.0.0.1:{port}"
         health = await get_json(url + "/health")
         assert health["status"] == "ok"

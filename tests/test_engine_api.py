@@ -240,7 +240,10 @@ def test_foreign_playback_is_refused_and_its_session_stopped() -> None:
     bench = Bench.make()
     bench.engine.faults.add("foreign_playback")
     error = refused(bench.start(bench.api.getstream(ENGINE, HASH)))
-    assert error == "engine engine-a gave a playback_url outside its own host and port"
+    assert error == (
+        "engine engine-a gave a playback_url outside its own host and port"
+        " (got 127.0.0.2:6878, expected 127.0.0.1:6878)"
+    )
     (session_id,) = bench.engine.stopped
     assert bench.engine.sessions == {}
     assert bench.seen.requests == [
@@ -320,7 +323,10 @@ def test_foreign_playback_url_is_not_opened() -> None:
     foreign = f"http://{FOREIGN_HOST}:6878/ace/r/{HASH}/x"
     playback = Playback(foreign, f"{URL}/s", f"{URL}/c", "x", 1)
     error = refused(bench.start(bench.api.open_playback(ENGINE, playback)))
-    assert error == "engine engine-a gave a playback_url outside its own host and port"
+    assert error == (
+        "engine engine-a gave a playback_url outside its own host and port"
+        f" (got {FOREIGN_HOST}:6878, expected 127.0.0.1:6878)"
+    )
     assert bench.seen.requests == []
 
 
@@ -442,21 +448,28 @@ def test_check_url_takes_the_default_port_of_the_scheme() -> None:
 
 
 @pytest.mark.parametrize(
-    "url",
+    "url, got",
     [
-        f"http://{FOREIGN_HOST}:6878/ace/r/x",
-        "http://127.0.0.1:6879/ace/r/x",
-        "http://127.0.0.1/ace/r/x",
-        "ftp://127.0.0.1:6878/ace/r/x",
-        "http://127.0.0.1:99999/ace/r/x",
-        "http://127.0.0.1:6878@evil.test:6878/ace/r/x",
-        "/ace/r/x",
+        (f"http://{FOREIGN_HOST}:6878/ace/r/x", f"{FOREIGN_HOST}:6878"),
+        ("http://127.0.0.1:6879/ace/r/x", "127.0.0.1:6879"),
+        ("http://127.0.0.1/ace/r/x", "127.0.0.1:80"),
+        ("ftp://127.0.0.1:6878/ace/r/x", "ftp://127.0.0.1:6878"),
+        ("http://127.0.0.1:99999/ace/r/x", "127.0.0.1"),
+        ("http://127.0.0.1:6878@evil.test:6878/ace/r/x", "evil.test:6878 with userinfo"),
+        ("/ace/r/x", "(no scheme)://(no host)"),
     ],
 )
-def test_check_url_refuses_other_addresses(url: str) -> None:
+def test_check_url_refuses_other_addresses(url: str, got: str) -> None:
+    """
+    The error says which address the engine gave, so that an operator sees
+    what the engine believes its address is (a container's name, say).
+    """
     with pytest.raises(EngineError) as info:
         check_url(ENGINE, url, "playback_url")
-    assert info.value.message == "engine engine-a gave a playback_url outside its own host and port"
+    assert info.value.message == (
+        "engine engine-a gave a playback_url outside its own host and port"
+        f" (got {got}, expected 127.0.0.1:6878)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -477,7 +490,11 @@ def test_check_url_refuses_userinfo_like_a_foreign_host(url: str) -> None:
     """
     with pytest.raises(EngineError) as info:
         check_url(ENGINE, url, "playback_url")
-    assert info.value.message == "engine engine-a gave a playback_url outside its own host and port"
+    assert info.value.message == (
+        "engine engine-a gave a playback_url outside its own host and port"
+        " (got 127.0.0.1:6878 with userinfo, expected 127.0.0.1:6878)"
+    )
+    assert "evil" not in info.value.message and "secret" not in info.value.message
 
 
 class WithUserinfo(Resource):
@@ -515,7 +532,10 @@ def test_getstream_with_userinfo_is_refused_and_its_session_stopped(which: str) 
     bench = Bench.make(wrap=WithUserinfo)
     bench.seen.inner.which = which
     error = refused(bench.start(bench.api.getstream(ENGINE, HASH)))
-    assert error == f"engine engine-a gave a {which} outside its own host and port"
+    assert error == (
+        f"engine engine-a gave a {which} outside its own host and port"
+        " (got 127.0.0.1:6878 with userinfo, expected 127.0.0.1:6878)"
+    )
     (session_id,) = bench.engine.stopped
     assert bench.engine.sessions == {}
     assert bench.seen.requests == [
@@ -612,7 +632,10 @@ def test_redirected_stop_of_an_unusable_answer_is_not_followed() -> None:
     bench.engine.faults.add("foreign_playback")
     front.prefix = "/ace/cmd/"
     error = refused(bench.start(bench.api.getstream(ENGINE, HASH)))
-    assert error == "engine engine-a gave a playback_url outside its own host and port"
+    assert error == (
+        "engine engine-a gave a playback_url outside its own host and port"
+        " (got 127.0.0.2:6878, expected 127.0.0.1:6878)"
+    )
     assert [host for _, host, _ in bench.seen.requests] == ["127.0.0.1:6878"] * 2
     assert bench.seen.requests[1][2].startswith("/ace/cmd/")
 

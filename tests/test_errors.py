@@ -312,13 +312,20 @@ async def test_no_healthy_engine_is_503(proxy_factory):
             [Deferred.fromCoroutine(fetch(proxy.stream_url(KEY))) for _ in range(3)]
         )
         for answer in answers:
-            assert_error(answer, 503, "no healthy engine")
+            assert_error(
+                answer, 503, "no healthy engine: engine sick answered get_version with HTTP 500"
+            )
+            assert answer.header("retry-after") == ["5"]
         assert sick.engine.getstream_calls == []
         assert proxy.registry.streams == {}
         assert await proxy.registry.store.list_streams() == []
         health = await fetch(proxy.url + "/health")
-        assert health.code == 200
+        assert health.code == 503
+        assert health.json()["status"] == "degraded"
         assert health.json()["engines_healthy"] == 0
+        assert health.json()["reason"] == (
+            "no healthy engine: engine sick answered get_version with HTTP 500"
+        )
     finally:
         await sick.stop()
 

@@ -557,6 +557,8 @@ async def test_daemon_says_why_it_cannot_raise_its_open_file_limit(spawn, engine
     assert "max_clients" in line.string
     match = await daemon.wait_for_line(r"\bSite starting on (\d+)\b", timeout=20)
     assert nofile(daemon.transport.pid) == (256, 256)
+    # Healthy once its engine has passed the first probe.
+    await daemon.wait_for_line(r"engine \S+ is healthy", timeout=20)
     response = await treq.get(f"http://127.0.0.1:{match.group(1)}/health", persistent=False)
     assert response.code == 200
 

@@ -8,6 +8,8 @@ import socket
 
 import pytest
 import pytest_twisted
+
+from acestream_proxy.http.listening import ListenFailed
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -237,7 +239,7 @@ async def test_the_daemon_listener_stops_listening_when_stopped():
 
     plain = reactor.listenTCP(port, Counting(), interface="127.0.0.1")
     try:
-        with pytest.raises(CannotListenError):
+        with pytest.raises(ListenFailed):
             listener(config).startService()
     finally:
         await maybeDeferred(plain.stopListening)

@@ -78,11 +78,12 @@ def test_leave_openssl_alone_once_imported_or_decided(present):
     assert modules == {"OpenSSL": present}
 
 
-def test_options_decide_before_the_listen_endpoint_is_parsed(monkeypatch):
+def test_options_decide_before_the_listen_endpoint_is_parsed(monkeypatch, capsys):
     """
     The daemon's options decide on TLS with the assembled configuration,
     before parsing C{listen}, the first thing to import Twisted's
-    networking modules; a mistake in C{listen} is still one usage error.
+    networking modules; a mistake in C{listen} is still one line on
+    standard error, and exit status 1.
     """
     decided = []
     monkeypatch.setattr(tap, "forgo_tls_unless_needed", decided.append)
@@ -92,9 +93,13 @@ def test_options_decide_before_the_listen_endpoint_is_parsed(monkeypatch):
     assert options.config.listen == "tcp:8001"
 
     decided.clear()
-    with pytest.raises(usage.UsageError) as info:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
         Options().parseOptions(["--listen", "nonsense:"])
-    assert str(info.value).startswith('listen: not a valid endpoint description: "nonsense:"')
+    assert info.value.code == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith('aceproxy: listen: not a valid endpoint description: "nonsense:"')
+    assert not line.endswith("--help)")
     assert [c.listen for c in decided] == ["nonsense:"]
 
 

@@ -124,8 +124,29 @@ def check_url(engine: Engine, url: object, what: str) -> str:
         or "@" in parts.netloc
         or (parts.hostname, port) != (engine.host, engine.port)
     ):
-        raise EngineError(f"engine {engine.id} gave a {what} outside its own host and port")
+        raise EngineError(
+            f"engine {engine.id} gave a {what} outside its own host and port"
+            f" (got {_where(parts, port)}, expected {engine.host}:{engine.port})"
+        )
     return url
+
+
+def _where(parts, port: int | None) -> str:
+    """
+    The scheme, host and port of a refused URL, for its error: what an
+    operator needs to see which address the engine believes it has (a
+    container's internal name, say).  Userinfo, which may be a password,
+    is left out, and the engine's text is tamed.
+    """
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    where = f"{host or '(no host)'}:{port}" if port is not None else host or "(no host)"
+    if parts.scheme not in ("http", "https"):
+        where = f"{parts.scheme or '(no scheme)'}://{where}"
+    if "@" in parts.netloc:
+        where += " with userinfo"
+    return engine_text(where, 80)
 
 
 def _status_error(engine: Engine, what: str, code: int) -> EngineError:

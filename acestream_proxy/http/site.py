@@ -254,6 +254,9 @@ class ProxySite(server.Site):
     protocol = ProxyChannel
     requestFactory = ProxyRequest
     displayTracebacks = False
+    #: No "Starting factory" / "Stopping factory" lines: the port's own
+    #: "Site starting on 8000" says it all.
+    noisy = False
 
     def __init__(self, resource, limits: ClientLimits, header_timeout: float, reactor=None):
         super().__init__(resource, reactor=reactor)

@@ -129,24 +129,31 @@ async def engines_view(registry, admin: bool = False) -> list[dict]:
 
 def health_view(registry) -> dict:
     """
-    C{status} is C{ok} only while the daemon accepts players and its
-    store can be reached.
+    C{status} is C{ok} only while the daemon accepts players, its store
+    can be reached and an engine has passed its health probe; otherwise
+    C{degraded} (or C{stopping}), with the C{reason} in one line.  A daemon
+    with no healthy engine can serve nobody: saying C{ok} would send a load
+    balancer's players to it.
     """
     store_up = registry.store.available
+    engines_healthy = len(registry.engines.healthy())
+    reasons = []
+    if not store_up:
+        reasons.append(f"the {registry.store.kind} store is unavailable")
+    if not engines_healthy:
+        reasons.append(f"no healthy engine: {registry.engines.problems()}")
     health = {
-        "status": "ok"
-        if registry.accepting and store_up
-        else "stopping"
-        if not registry.accepting
-        else "degraded",
+        "status": "stopping" if not registry.accepting else "degraded" if reasons else "ok",
         "worker_id": registry.worker_id,
         "streams": len(registry.streams),
         "players": sum(len(s.players) for s in registry.streams.values()),
-        "engines_healthy": sum(1 for e in registry.engines.engines if e.healthy),
+        "engines_healthy": engines_healthy,
         "store": registry.store.kind,
     }
     if registry.store.kind == "redis":
         health["redis"] = "up" if store_up else "down"
+    if reasons and registry.accepting:
+        health["reason"] = "; ".join(reasons)
     return health
 
 

@@ -35,6 +35,10 @@ LIMIT_RETRY_AFTER = 10
 #: Retry-After (seconds) while shutting down: a restart is usually quick.
 SHUTDOWN_RETRY_AFTER = 5
 
+#: Retry-After (seconds) when no engine is healthy: an engine that is
+#: starting is usually up within seconds, and the next request probes it.
+NO_ENGINE_RETRY_AFTER = 5
+
 #: Seconds a new player waits for a store whose connection is being made;
 #: one that is down refuses it at once.
 STORE_WAIT = 0.75
@@ -106,6 +110,9 @@ class StreamRegistry(MultiService):
         self._check_max_clients()
         stream = self.streams.get(key)
         if stream is None:
+            # Probed here, before the stream's creation holds its lock and
+            # owner lease, when no engine is healthy.
+            await self._probe_if_none_healthy()
             stream = await self._create(key, param)
         await stream.wait_ready()
         registered = await self.store.count_players(key)
@@ -237,10 +244,24 @@ class StreamRegistry(MultiService):
         The engine for a new playback stream, by the selection rule,
         avoiding the engines in C{exclude} while others are healthy.
         """
+        await self._probe_if_none_healthy()
         engine = self.engines.select(await self.engine_loads(), exclude)
         if engine is None:
-            raise NoEngine("no healthy engine is available")
+            raise NoEngine(
+                f"no healthy engine: {self.engines.problems()}",
+                retry_after=NO_ENGINE_RETRY_AFTER,
+            )
         return engine
+
+    async def _probe_if_none_healthy(self) -> None:
+        """
+        With no healthy engine, probe the engines now instead of leaving the
+        player to the next periodic probe: an engine that came up since
+        serves at once.  One probe per engine is in flight at a time,
+        whatever the number of players asking.
+        """
+        if not self.engines.healthy():
+            await self.engines.probe_unhealthy()
 
     async def engine_loads(self) -> Counter:
         """
