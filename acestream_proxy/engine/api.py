@@ -325,7 +325,7 @@ class EngineAPI:
         except Exception as e:
             raise EngineError(f"engine {engine.id} failed playback: {e.__class__.__name__}")
         if response.code != 200:
-            response.deliverBody(_Discard())
+            discard_body(response)
             raise _status_error(engine, "playback", response.code)
         return response
 
@@ -353,6 +353,16 @@ class EngineAPI:
         if answer.get("error") or not isinstance(result, dict):
             raise EngineError(f"engine {engine.id} answered get_version with an error")
         return str(result.get("version", ""))
+
+
+def discard_body(response) -> None:
+    """
+    Drop an unwanted body without reading it, so its connection is closed.
+    """
+    try:
+        response.deliverBody(_Discard())
+    except Exception:
+        pass
 
 
 class _Discard:

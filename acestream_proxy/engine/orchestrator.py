@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 
 from ..background import Tasks, periodic
 from ..constants import Role, StreamState
+from .api import discard_body
 from .registry import Engine, EngineRegistry
 
 #: Largest answer read: a thousand engines of acestream-orchestrator's
@@ -233,14 +234,14 @@ class Orchestrator(MultiService):
     async def _get(self, headers: dict) -> bytes:
         response = await self.http.get(self.url, headers=headers, allow_redirects=False)
         if response.code != 200:
-            _discard(response)
+            discard_body(response)
             if 300 <= response.code < 400:
                 raise OrchestratorError(
                     f"it answered a redirect (HTTP {response.code}), not followed"
                 )
             raise OrchestratorError(f"it answered HTTP {response.code}")
         if isinstance(response.length, int) and response.length > MAX_ANSWER:
-            _discard(response)
+            discard_body(response)
             raise OrchestratorError(f"its answer is larger than {MAX_ANSWER} bytes")
         return await _read(response)
 
@@ -428,7 +429,7 @@ class EventReporter(MultiService):
             allow_redirects=False,
         )
         # What it answers is of no use here: dropped unread.
-        _discard(response)
+        discard_body(response)
         if not 200 <= response.code < 300:
             raise OrchestratorError(f"it answered HTTP {response.code}")
 
@@ -458,24 +459,3 @@ def _read(response) -> Deferred:
         parts.append(data)
 
     return treq.collect(response, collect).addCallback(lambda _: b"".join(parts))
-
-
-def _discard(response) -> None:
-    """
-    Drop an unwanted body without reading it, so its connection is closed.
-    """
-    try:
-        response.deliverBody(_Discard())
-    except Exception:
-        pass
-
-
-class _Discard:
-    def makeConnection(self, transport):
-        transport.stopProducing()
-
-    def dataReceived(self, data):
-        pass
-
-    def connectionLost(self, reason):
-        pass

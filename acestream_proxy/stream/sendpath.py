@@ -149,6 +149,7 @@ def direct_writer(transport) -> Callable[[bytes], None]:
     send = transport.socket.send
 
     def write(data: bytes) -> None:
+        # _must_queue, inlined: this runs per chunk and player.
         if (
             transport.dataBuffer
             or transport._tempDataLen
@@ -187,12 +188,7 @@ def batch_writer(transport) -> Callable[[list], int] | None:
     sendmsg = transport.socket.sendmsg
 
     def write_many(buffers: list) -> int:
-        if (
-            transport.dataBuffer
-            or transport._tempDataLen
-            or transport.disconnecting
-            or not transport.connected
-        ):
+        if _must_queue(transport):
             queue(buffers[0])
             return 1
         try:
@@ -210,6 +206,19 @@ def batch_writer(transport) -> Callable[[list], int] | None:
         return len(buffers)
 
     return write_many
+
+
+def _must_queue(transport) -> bool:
+    """
+    Whether a write must go behind what the transport has queued (or meet
+    its closing) rather than straight to the socket.
+    """
+    return bool(
+        transport.dataBuffer
+        or transport._tempDataLen
+        or transport.disconnecting
+        or not transport.connected
+    )
 
 
 def pausing_writer(transport) -> Callable[[bytes], None]:
