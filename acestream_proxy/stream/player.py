@@ -8,6 +8,11 @@ it reads the window from where it stopped.  If the window has moved past that
 point, the player jumps to the newest chunk (a skip) rather than holding
 memory for it; a chunk starts on a packet boundary, so the player's bytes stay
 aligned either way.
+
+Where the window knows the video's random-access points, a joining player
+and one that skips start on the newest suitable one instead, with the PAT and
+PMT in front, so that their first frame decodes; that first piece is the only
+one built for one player.
 """
 
 from typing import Callable
@@ -21,6 +26,7 @@ from zope.interface import implementer
 from ..metrics import DROPPED_WRITE_TIMEOUT
 from .fanout import FanOut
 from .sendpath import batch_writer, direct_writer
+from .window import frame
 
 #: The most chunks a player that is behind is sent in one system call.
 CATCH_UP_BATCH = 16
@@ -106,6 +112,8 @@ class PlayerProducer:
         self.fanout.add(self)
         request.registerProducer(self, True)
         self.position = self.fanout.join_position()
+        if self.position is not None:
+            self._start_at_random_access(self.fanout.join_chunks)
         if not self.paused:
             self._catch_up()
 
@@ -135,7 +143,8 @@ class PlayerProducer:
                     # Fell out of the window: jump to the newest chunk.
                     self.skips += 1
                     self.fanout.metrics.player_skips.inc()
-                    self.position = window.next_index - 1
+                    if not self._start_at_random_access(1):
+                        self.position = window.next_index - 1
                     self.log.info(
                         "player {player} of {key} fell behind; skipped to live",
                         player=self.info.id,
@@ -154,6 +163,28 @@ class PlayerProducer:
             sent = sum(chunk.size for chunk in chunks)
             self._sent += sent
             self.fanout.metrics.sent_bytes.inc(sent)
+
+    def _start_at_random_access(self, behind: int) -> bool:
+        """
+        Send the PAT, the PMT and the rest of the chunk from its newest
+        random-access point at least C{behind} chunks from the live edge,
+        and carry on after that chunk: the player's decoder then starts on a
+        keyframe rather than on frames it cannot decode.  This copy is made
+        once per join or skip, never per chunk.
+
+        @return: whether there was such a point; when not, the caller's
+            packet-aligned position stands.
+        """
+        point = self.fanout.window.random_access_point(behind)
+        if point is None:
+            return False
+        chunk, offset = point
+        data = chunk.psi + bytes(chunk.data[offset:])
+        self.position = chunk.index + 1
+        self._sent += len(data)
+        self.fanout.metrics.sent_bytes.inc(len(data))
+        self._write(frame(data)[0] if self._chunked else data)
+        return True
 
     def _go_live(self) -> None:
         """

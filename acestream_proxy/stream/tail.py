@@ -16,6 +16,7 @@ from ..constants import StreamState
 from ..errors import EngineTimeout, Unavailable
 from ..store.base import Store
 from .fanout import FanOut
+from .keyframes import KeyframeScanner
 from .watched import watched
 from .window import Chunk
 
@@ -50,6 +51,9 @@ class BufferTail(MultiService):
     _reading: bool = attrs.field(default=False, init=False)
     _read_again: bool = attrs.field(default=False, init=False)
     _stopped: bool = attrs.field(default=False, init=False)
+    # Chunks read back from the store carry no random-access points; they
+    # are found here again, so that this worker's joins start on them too.
+    _scanner: KeyframeScanner = attrs.field(factory=KeyframeScanner, init=False)
 
     def __attrs_post_init__(self) -> None:
         MultiService.__init__(self)
@@ -131,7 +135,9 @@ class BufferTail(MultiService):
             now = self.last_data_at = self.clock.seconds()
             for index, data in found:
                 self.next_index = index + 1
-                self.fanout.deliver(Chunk.make(index, data, now))
+                access = self._scanner.feed(data)
+                psi = self._scanner.pat + self._scanner.pmt if access else b""
+                self.fanout.deliver(Chunk.make(index, data, now, access, psi))
 
     def stopService(self) -> Deferred:
         self._stopped = True

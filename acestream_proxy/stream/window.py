@@ -36,12 +36,19 @@ class Chunk:
     @ivar start: where the packets start in C{framed}.
     @ivar size: how many bytes of packets it holds; worked out once, since
         every player counts it for every chunk.
+    @ivar random_access: the offsets, within the packets, of the video's
+        random-access points, where a joining player can start decoding
+        (see L{acestream_proxy.stream.keyframes}); empty when unknown.
+    @ivar psi: the stream's PAT and PMT packets current at those points,
+        which such a player needs in front of its first packet.
     """
 
     index: int
     framed: bytes
     start: int
     added_at: float
+    random_access: tuple[int, ...] = ()
+    psi: bytes = b""
     size: int = attrs.field(init=False)
 
     @size.default
@@ -49,9 +56,16 @@ class Chunk:
         return len(self.framed) - self.start - 2
 
     @classmethod
-    def make(cls, index: int, data: bytes, added_at: float) -> "Chunk":
+    def make(
+        cls,
+        index: int,
+        data: bytes,
+        added_at: float,
+        random_access: tuple[int, ...] = (),
+        psi: bytes = b"",
+    ) -> "Chunk":
         framed, start = frame(data)
-        return cls(index, framed, start, added_at)
+        return cls(index, framed, start, added_at, random_access, psi)
 
     @property
     def data(self) -> memoryview:
@@ -207,6 +221,20 @@ class ChunkWindow:
         offset = index - chunks[0].index
         if 0 <= offset < len(chunks):
             return chunks[offset]
+        return None
+
+    def random_access_point(self, behind: int) -> tuple[Chunk, int] | None:
+        """
+        The newest random-access point in a chunk at least C{behind} chunks
+        from the live edge (C{1}: the newest chunk), as the chunk and the
+        offset in its packets; L{None} when the window holds none there.
+        Walks the window's chunks, so it is for joins and skips only.
+        """
+        chunks = self._chunks
+        for position in range(len(chunks) - max(behind, 1), -1, -1):
+            chunk = chunks[position]
+            if chunk.random_access and chunk.psi:
+                return chunk, chunk.random_access[-1]
         return None
 
     def run(self, index: int, limit: int) -> list[Chunk]:

@@ -27,6 +27,7 @@ from zope.interface import implementer
 from ..errors import Unavailable
 from ..store.base import Store
 from .fanout import FanOut
+from .keyframes import KeyframeScanner
 from .window import Chunk
 
 #: Chunks that may wait for the store before the engine's reader is paused.
@@ -56,7 +57,11 @@ class StoreWriter:
     stopped: bool = False
     _held: list = attrs.field(factory=list, init=False)
     _held_bytes: int = attrs.field(default=0, init=False)
+    _held_access: list = attrs.field(factory=list, init=False)
+    _scanner: KeyframeScanner = attrs.field(factory=KeyframeScanner, init=False)
     _seal_call: object = attrs.field(default=None, init=False)
+    # Sealed chunks waiting for the store, each as the arguments of its
+    # Chunk after the index: framed, start, added_at, random_access, psi.
     _pending: deque = attrs.field(factory=deque, init=False)
     _appending: bool = attrs.field(default=False, init=False)
 
@@ -74,6 +79,10 @@ class StoreWriter:
         """
         if self.stopped:
             return
+        # Random-access points are found as the data arrives, where the
+        # packets are whole: joins and skips then start on them.
+        base = self._held_bytes
+        self._held_access.extend(base + offset for offset in self._scanner.feed(packets))
         self._held.append(packets)
         self._held_bytes += len(packets)
         # The first data of a session is sent at once: the first player
@@ -96,7 +105,11 @@ class StoreWriter:
         framed = b"".join([head, *self._held, b"\r\n"])
         self._held.clear()
         self._held_bytes = 0
-        self._pending.append((framed, len(head), self.clock.seconds()))
+        access = tuple(self._held_access)
+        self._held_access.clear()
+        scanner = self._scanner
+        psi = scanner.pat + scanner.pmt if access else b""
+        self._pending.append((framed, len(head), self.clock.seconds(), access, psi))
         if len(self._pending) > MAX_PENDING and self.producer is not None:
             self.producer.pauseProducing()
         self.flush()
@@ -116,7 +129,7 @@ class StoreWriter:
             return
         if not self.may_append():
             return
-        framed, start, _ = self._pending[0]
+        framed, start = self._pending[0][:2]
         self._appending = True
         d = self.store.buffer.append(self.key, memoryview(framed)[start:-2])
         d.addCallbacks(self._appended, self._append_failed)
@@ -131,10 +144,11 @@ class StoreWriter:
             self._seal_call.cancel()
         self._seal_call = None
         self._held.clear()
+        self._held_access.clear()
         self._pending.clear()
         self.producer = None
 
-    def _stored(self) -> tuple[bytes, int, float] | None:
+    def _stored(self) -> tuple | None:
         self._appending = False
         if self.stopped:
             return None
@@ -149,8 +163,7 @@ class StoreWriter:
     def _appended(self, index: int) -> None:
         entry = self._stored()
         if entry is not None:
-            framed, start, now = entry
-            self.fanout.deliver(Chunk(index, framed, start, now))
+            self.fanout.deliver(Chunk(index, *entry))
             self.flush()
 
     def _append_failed(self, failure: Failure) -> None:
@@ -165,9 +178,9 @@ class StoreWriter:
             self._deliver_local(*entry)
             self.flush()
 
-    def _deliver_local(self, framed: bytes, start: int, now: float) -> None:
+    def _deliver_local(self, *entry) -> None:
         """
         Give a chunk the store did not number to this worker's players,
         numbered after the last one they got.
         """
-        self.fanout.deliver(Chunk(self.fanout.last_index + 1, framed, start, now))
+        self.fanout.deliver(Chunk(self.fanout.last_index + 1, *entry))
