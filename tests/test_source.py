@@ -8,19 +8,24 @@ PCRs say its bitrate; the proxy in front of it on real sockets.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import pytest_twisted
+import treq
+from twisted.internet.protocol import Protocol
 from twisted.python import usage
 
 from acestream_proxy.stream.mpegts import PACKET_SIZE
 from acestream_proxy.testing import source as source_module
 from acestream_proxy.testing import synthetic
-from acestream_proxy.testing.engine import content_tag
-from acestream_proxy.testing.simulator_service import Options
+from acestream_proxy.testing.engine import content_tag, getstream_path
+from acestream_proxy.testing.simulator_service import Options, makeService
 from acestream_proxy.testing.source import SourceError, TsSource, load
 
-from .support import HASHES, Player, start_engine
-from .test_simulator import HASH, INTERVAL, OTHER_HASH, FakeHTTP, local
+from .support import HASHES, Player, eventually, start_engine
+from .test_simulator import HASH, INTERVAL, OTHER_HASH, REPO, FakeHTTP, local
 
 PCR_PID = 0x101
 PAYLOAD_PID = 0x102
@@ -254,3 +259,48 @@ async def test_proxy_relays_the_file(proxy_factory, tmp_path) -> None:
         player.disconnect()
     finally:
         await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_acesim_service_plays_the_source(ts_path) -> None:
+    """C{twistd acesim --source FILE} serves the file from its start, at its PCR bitrate."""
+    options = Options()
+    options.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--source", str(ts_path)])
+    service = makeService(options)
+    service.startService()
+    try:
+        (port,) = service.endpoint.ports
+        url = f"http://127.0.0.1:{port.getHost().port}"
+        response = await treq.get(url + getstream_path(HASH))
+        playback_url = (await response.json())["response"]["playback_url"]
+        playback = await treq.get(playback_url, unbuffered=True, persistent=False)
+        assert playback.code == 200
+        received = bytearray()
+        playback.deliverBody(_Collect(received))
+        data = ts_file(3000)
+        # 2000 packets a second: a fifth of a second of it.
+        await eventually(lambda: len(received) >= 400 * PACKET_SIZE, what="400 packets")
+        assert bytes(received[: 400 * PACKET_SIZE]) == data[: 400 * PACKET_SIZE]
+    finally:
+        await service.stopService()
+
+
+class _Collect(Protocol):
+    def __init__(self, into: bytearray) -> None:
+        self.into = into
+
+    def dataReceived(self, data: bytes) -> None:
+        self.into += data
+
+
+def test_the_simulator_and_demo_do_not_import_pyav() -> None:
+    """PyAV is an extra: running the simulator or the demo must not need it."""
+    code = (
+        "import sys, twisted.plugins.acesim, acestream_proxy.testing.simulator_service, "
+        "acestream_proxy.testing.demo; "
+        "sys.exit(1 if 'av' in sys.modules else 0)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr or "av was imported"
