@@ -22,8 +22,9 @@ $(BIN)/python:
 # cache is rebuilt then, not by the next twistd: rebuilding it imports every
 # plugin module, Twisted's endpoints among them, which load the TLS stack
 # before the daemon decides whether it needs it.
-# `make test` installs the test extras too; `make run` and `make demo` only
-# what running needs (.installed-run).
+# `make test` installs the test extras too; `make run` only what running
+# needs (.installed-run); `make demo` that and PyAV, which makes the demo's
+# picture once (.installed-demo).
 $(VENV)/.installed: $(BIN)/python $(SOURCES)
 	$(BIN)/pip install -q '.[test]'
 	$(BIN)/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
@@ -31,6 +32,11 @@ $(VENV)/.installed: $(BIN)/python $(SOURCES)
 
 $(VENV)/.installed-run: $(BIN)/python $(SOURCES)
 	$(BIN)/pip install -q .
+	$(BIN)/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
+	@touch $@
+
+$(VENV)/.installed-demo: $(BIN)/python $(SOURCES)
+	$(BIN)/pip install -q '.[demo]'
 	$(BIN)/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
 	@touch $@
 
@@ -46,7 +52,7 @@ test: $(VENV)/.installed
 	@sh contrib/test-tools.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-demo: $(VENV)/.installed-run
+demo: $(VENV)/.installed-demo
 	$(BIN)/python -m acestream_proxy.testing.demo $(DEMO_ARGS)
 
 # One table: every target at 1, 100, 300 and 1000 players, measured in the same run.

@@ -435,11 +435,13 @@ async def test_daemon_that_may_use_tls_loads_it(spawn, engine, arguments):
 
 
 @pytest_twisted.ensureDeferred
-async def test_demo_serves_its_url_and_stops_on_ctrl_c(spawn):
+async def test_demo_serves_its_url_and_stops_on_ctrl_c(spawn, tmp_path):
     """
     The demo prints a URL that plays, with the actual port when asked for
-    any free one, and Ctrl-C ends its player cleanly and exits 0.
+    any free one, and Ctrl-C ends its player cleanly and exits 0.  Its
+    broadcast is made where C{--media} says (here, not in the user's cache).
     """
+    media = tmp_path / "demo.ts"
     demo = spawn(
         "demo",
         "-m",
@@ -448,8 +450,11 @@ async def test_demo_serves_its_url_and_stops_on_ctrl_c(spawn):
         "tcp:0:interface=127.0.0.1",
         "--engine-port",
         "0",
+        "--media",
+        str(media),
     )
     url = (await demo.wait_for_line(DEMO_URL)).group(1)
+    assert media.stat().st_size > 1_000_000
     key = url.rsplit("=", 1)[1]
     player = await Player.open(url)
     assert player.response.code == 200, demo.output()

@@ -438,6 +438,9 @@ def test_make_run_installs_only_what_running_needs():
     assert installs[-1] == "/nonexistent/venv/bin/pip install -q ."
     assert "[test]" not in make_dry_run("run") and "[test]" not in make_dry_run("demo")
     assert "'.[test]'" in make_dry_run("test")
+    # The demo makes its picture with PyAV once: its own extra, not the tests'.
+    demo_installs = [line for line in make_dry_run("demo").splitlines() if "pip install" in line]
+    assert demo_installs[-1] == "/nonexistent/venv/bin/pip install -q '.[demo]'"
 
 
 def test_make_demo_passes_demo_args():

@@ -3,6 +3,12 @@ C{python -m acestream_proxy.testing.demo} (C{make demo}): the proxy in front of 
 simulated engine, both in this one process, so that a newcomer can point a
 player at a working stream without installing an AceStream engine.
 
+The engine plays a test picture with a running clock and a tone
+(L{demo_media}), made with PyAV at the first run and cached, so that the
+newcomer sees a picture; its synthetic data packets keep the stream
+checkable.  PyAV is therefore in the C{demo} extra, which C{make demo}
+installs and C{make run} does not.
+
 Both listen through endpoints and the actual ports are read back, so that
 C{--listen tcp:0} and C{--engine-port 0} work and the printed URL is always
 the one to use.  Ctrl-C stops the proxy first (its players get a clean end
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import TextIO
 
 import attrs
@@ -27,7 +34,9 @@ from twisted.web.server import Site
 from ..config import Config, ConfigError, build, engine_from_url
 from ..http.routes import make_site
 from ..service import make_service
+from . import demo_media
 from .engine import SimulatedEngine
+from .source import SourceError, TsSource, load
 
 #: The content id the printed URL asks for; any 40 hex digits would do.
 DEMO_ID = "ace0" * 10
@@ -57,6 +66,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="N",
         help="port of the simulated engine on 127.0.0.1; 0 for any free port "
         f"[default: {DEFAULT_ENGINE_PORT}, or a free port if taken]",
+    )
+    parser.add_argument(
+        "--media",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the MPEG-TS file the engine plays; made there if missing "
+        f"[default: {demo_media.FILE_NAME} in $XDG_CACHE_HOME/aceproxy or ~/.cache/aceproxy]",
     )
     args = parser.parse_args(argv)
     try:
@@ -97,6 +114,36 @@ async def listen_engine(reactor, engine: SimulatedEngine, port: int) -> IListeni
         return await TCP4ServerEndpoint(reactor, 0, interface=LOOPBACK).listen(site)
 
 
+def load_media(path: Path | None) -> TsSource:
+    """
+    The broadcast to play: made at the first run (a few seconds), then read
+    from the cache.  A file that cannot be made or read stops the demo with
+    one line.
+    """
+    if path is None:
+        path = demo_media.cache_dir() / demo_media.FILE_NAME
+    if not path.exists():
+        try:
+            import av  # noqa: F401  (only to say what is missing)
+        except ImportError:
+            raise SystemExit(
+                "demo: the demo's picture is made with PyAV, which is missing; "
+                "install it with: pip install '.[demo]' (make demo does)"
+            )
+        print(f"demo: making the demo broadcast in {path} (once)", file=sys.stderr)
+    try:
+        path = demo_media.demo_file(path)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"demo: cannot make {path}: {err}")
+    try:
+        source = load(path)
+    except SourceError as err:
+        raise SystemExit(f"demo: {err}")
+    if source.bitrate is None:
+        raise SystemExit(f"demo: {path} carries too few PCRs to tell its bitrate")
+    return source
+
+
 def proxy_config(listen: str, engine_port: int) -> Config:
     """The proxy's configuration: defaults, one engine, the simulated one."""
     engine = engine_from_url(f"http://{LOOPBACK}:{engine_port}", id="simulated")
@@ -129,8 +176,7 @@ def print_banner(out: TextIO, proxy: str, engine: str) -> None:
         "",
         f"    {url}",
         "",
-        "Watch it (the simulated broadcast carries data packets only, so a",
-        "player connects and keeps reading but shows no picture):",
+        "Watch it (colour bars, a running clock and a 1 kHz tone, looped):",
         f"    vlc {url}",
         f"    mpv {url}",
         "Inspect the proxy and the engine:",
@@ -182,10 +228,10 @@ async def start(reactor, args: argparse.Namespace, demo: Demo) -> None:
         raise SystemExit(1)
 
 
-async def main(reactor, args: argparse.Namespace) -> None:
+async def main(reactor, args: argparse.Namespace, source: TsSource) -> None:
     """Listen, print where, and run until the reactor is stopped."""
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
-    engine = SimulatedEngine(reactor)
+    engine = SimulatedEngine(reactor, bitrate=source.bitrate, source=source)
     demo = Demo(engine, await listen_engine(reactor, engine, args.engine_port))
     # A shutdown trigger's Deferred is waited for, so Ctrl-C lets the
     # proxy wind down before the process exits.
@@ -197,8 +243,12 @@ async def main(reactor, args: argparse.Namespace) -> None:
 
 
 def run(argv: list[str]) -> None:
-    """Parse the command line before the reactor runs, then run the demo."""
-    react(main, (parse_args(argv),))
+    """
+    Parse the command line and load (or make) the broadcast before the
+    reactor runs, so that either failing is one line; then run the demo.
+    """
+    args = parse_args(argv)
+    react(main, (args, load_media(args.media)))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from werkzeug.routing import BaseConverter
 from zope.interface import implementer
 
 from . import synthetic
+from .source import TsSource
 
 #: Every fault the engine can simulate.
 FAULTS = frozenset(
@@ -182,14 +183,17 @@ class _Playback:
         """Write the packets that fell due since the previous batch."""
         if self._paused:
             return
-        end = self.engine.current_seq() + 1
+        end = self.engine.current_seq(self.session.hash) + 1
         first = max(self.next_seq, end - self.engine.max_backlog_packets)
         self.next_seq = end
         faults = self.engine.faults
         if "playback_stall" in faults:
             return
+        source = self.engine.source
         if self.text:
             payload = _text_body((end - first + 2) * synthetic.PACKET_SIZE)
+        elif source is not None:
+            payload = source.packets(first, end, self._tag, self.engine.reactor.seconds())
         else:
             payload = b"".join(
                 (
@@ -273,6 +277,9 @@ class SimulatedEngine:
     drive it with a L{twisted.internet.task.Clock}.
 
     @ivar bitrate: Bits per second of each playback stream.
+    @ivar source: A file to play instead of the synthetic stream, or
+        L{None}; it is played at C{bitrate}, from its first packet at the
+        first playback of each content, and looped.
     @ivar batch_interval: Seconds between two writes to a playback connection.
     @ivar faults: Names (from L{FAULTS}) of the faults currently simulated;
         a plain set, change it freely.
@@ -289,6 +296,7 @@ class SimulatedEngine:
     reactor: IReactorTime
     bitrate: int = 4_000_000
     batch_interval: float = 0.05
+    source: TsSource | None = None
     log: Logger = attrs.field(factory=lambda: Logger(namespace=__name__))
     faults: set[str] = attrs.field(factory=set, converter=set)
     epoch: float = attrs.field(init=False)
@@ -296,6 +304,7 @@ class SimulatedEngine:
     sessions: dict[str, EngineSession] = attrs.field(factory=dict, init=False)
     stopped: list[str] = attrs.field(factory=list, init=False)
     _playbacks: set[_Playback] = attrs.field(factory=set, init=False, repr=False)
+    _source_epochs: dict[str, float] = attrs.field(factory=dict, init=False, repr=False)
 
     app = Klein()
     app.url_map.converters["segment"] = _Segment
@@ -319,9 +328,22 @@ class SimulatedEngine:
         """How many playback connections are open, over all sessions."""
         return len(self._playbacks)
 
-    def current_seq(self) -> int:
-        """The sequence number due now, the same for every content."""
-        return int((self.reactor.seconds() - self.epoch) * self.packets_per_second)
+    def current_seq(self, infohash: str | None = None) -> int:
+        """
+        The sequence number due now, the same for every content; with a
+        L{source}, the index of the file's packet (counted over its loops)
+        due now for C{infohash}.
+
+        A source's broadcast of a content begins at its first playback and
+        runs on from there for every later session of that content, so
+        that the first viewer sees the file from its start (its PAT, PMT
+        and first keyframe) and two viewers of one content the same bytes
+        at the same moment.
+        """
+        epoch = self.epoch
+        if self.source is not None and infohash is not None:
+            epoch = self._source_epochs.setdefault(infohash, self.reactor.seconds())
+        return int((self.reactor.seconds() - epoch) * self.packets_per_second)
 
     def resource(self) -> IResource:
         """The engine's whole HTTP API: the routes of L{app}."""
@@ -472,7 +494,7 @@ class SimulatedEngine:
             session=session,
             request=request,
             text=text,
-            next_seq=self.current_seq(),
+            next_seq=self.current_seq(infohash),
         )
         self.log.info(
             "Playback of session {session_id} started at seq {seq}",

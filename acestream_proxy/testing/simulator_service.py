@@ -3,6 +3,7 @@ What C{twistd acesim} runs: the simulated AceStream engine as a daemon, for
 demos and for end-to-end tests of the proxy against a separate process.
 
     twistd -n acesim --port 6878 --fault playback_stall
+    twistd -n acesim --source broadcast.ts
 
 The plugin (C{twisted/plugins/acesim.py}) names this module only, so that
 twistd's plugin scan, which imports every plugin, does not import the
@@ -24,8 +25,11 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from acestream_proxy.testing.engine import FAULTS, SimulatedEngine
+from acestream_proxy.testing.source import SourceError, load
 
 DEFAULT_ENDPOINT = "tcp:6878:interface=127.0.0.1"
+#: Bits per second of the synthetic stream when --bitrate is not given.
+DEFAULT_BITRATE = 4_000_000
 
 
 def _endpoint_description(port: str) -> str:
@@ -48,7 +52,21 @@ class Options(usage.Options):
             DEFAULT_ENDPOINT,
             "Port number (on 127.0.0.1) or Twisted server endpoint to listen on.",
         ],
-        ["bitrate", "b", 4_000_000, "Bits per second of each playback stream.", int],
+        [
+            "bitrate",
+            "b",
+            None,
+            "Bits per second of each playback stream [default: the --source "
+            f"file's, from its PCRs; {DEFAULT_BITRATE} for the synthetic stream].",
+            int,
+        ],
+        [
+            "source",
+            None,
+            None,
+            "An MPEG-TS file to play, looped, as a live broadcast instead of "
+            "the synthetic stream.",
+        ],
         ["batch-ms", None, 50.0, "Milliseconds between two writes of a stream.", float],
     ]
 
@@ -69,11 +87,30 @@ class Options(usage.Options):
     opt_fault.__doc__ = (opt_fault.__doc__ or "") + ", ".join(sorted(FAULTS))
 
     def postOptions(self) -> None:
-        if self["bitrate"] <= 0:
+        """
+        Check the flags, and read the source file here: a bad file is then
+        one line at startup, not a failure at the first playback.
+        """
+        if self["bitrate"] is not None and self["bitrate"] <= 0:
             raise usage.UsageError("--bitrate must be positive")
         if self["batch-ms"] <= 0:
             raise usage.UsageError("--batch-ms must be positive")
         self["port"] = _endpoint_description(self["port"])
+        if self["source"] is None:
+            if self["bitrate"] is None:
+                self["bitrate"] = DEFAULT_BITRATE
+            return
+        try:
+            self["source"] = load(self["source"])
+        except SourceError as err:
+            raise usage.UsageError(str(err)) from None
+        if self["bitrate"] is None:
+            if self["source"].bitrate is None:
+                raise usage.UsageError(
+                    "the --source file carries too few PCRs to tell its bitrate; "
+                    "give --bitrate"
+                )
+            self["bitrate"] = self["source"].bitrate
 
 
 @implementer(IStreamServerEndpoint)
@@ -114,6 +151,7 @@ def makeService(options: usage.Options) -> IService:
         bitrate=options["bitrate"],
         batch_interval=options["batch-ms"] / 1000,
         faults=options["faults"],
+        source=options["source"],
     )
     endpoint = AnnouncingEndpoint(
         serverFromString(reactor, options["port"]),

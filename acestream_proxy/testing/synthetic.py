@@ -33,6 +33,9 @@ _PAYLOAD_OFFSET = _TS_HEADER_SIZE + len(_PES_START) + 2 + len(_PES_HEADER_TAIL)
 _SEQ_OFFSET = _PAYLOAD_OFFSET + len(DATA_MAGIC) + 4
 _DATA_FIELDS = struct.Struct(">4s4sQd")  # magic, content tag, seq, sent_at
 _SEQ = struct.Struct(">Q")
+#: Where a data packet's content tag, seq and sent_at start (after the magic),
+#: for whoever restamps data packets (L{acestream_proxy.testing.source}).
+DATA_FIELDS_OFFSET = _PAYLOAD_OFFSET + len(DATA_MAGIC)
 _DATA_PACKET_HEAD = bytes([SYNC_BYTE, 0x40 | (DATA_PID >> 8), DATA_PID & 0xFF])
 
 

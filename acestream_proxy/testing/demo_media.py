@@ -1,0 +1,247 @@
+"""
+The demo's broadcast: a few seconds of a test picture with a running clock
+and a tone, MPEG-2 video and MP2 audio in MPEG-TS, made once with PyAV and
+kept in the user's cache.
+
+The synthetic data packets (L{synthetic.DATA_PID}) are interleaved with the
+audio and video, so that the one stream is both watchable in VLC or mpv and
+checkable byte for byte with L{synthetic.verify} (the simulated engine
+numbers them as it serves the file: see L{acestream_proxy.testing.source}).
+They take the place of the null packets the muxer pads its constant rate
+with, so that no timing in the file changes.
+
+PyAV is needed only to make the file, so it is imported only there: the
+simulated engine and the daemon never import it.  It ships libavcodec's
+MPEG-2 and MP2 encoders, so no system package is needed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from acestream_proxy.stream.mpegts import PACKET_SIZE
+
+from . import synthetic
+
+WIDTH = 512
+HEIGHT = 288
+FPS = 25
+#: One keyframe a second, so a player that tunes in waits at most that long.
+GOP = 25
+SECONDS = 20
+VIDEO_BITRATE = 1_200_000
+SAMPLE_RATE = 48_000
+AUDIO_BITRATE = 128_000
+#: 40 whole periods in a video frame's 1920 samples, so the tone has no click.
+TONE_HZ = 1000
+#: The muxer pads to this constant rate with null packets, which then
+#: become the data packets: the file's PCRs stay exact, and its bitrate
+#: (which the engine paces it by) is this.
+MUX_RATE = 2_000_000
+NULL_PID = 0x1FFF
+#: The muxer's first elementary-stream PID; its default (0x100) is
+#: L{synthetic.DATA_PID}, which the data packets keep for themselves.
+START_PID = 0x200
+#: Bumped whenever what L{generate} makes changes, so a cached file of an
+#: older version is not played.
+VERSION = 1
+FILE_NAME = f"demo-v{VERSION}.ts"
+
+# BT.601 limited-range colour bars (Y, Cb, Cr): white, yellow, cyan,
+# green, magenta, red, blue, black.
+_BARS = [
+    (235, 128, 128),
+    (210, 16, 146),
+    (170, 166, 16),
+    (145, 54, 34),
+    (106, 202, 222),
+    (81, 90, 240),
+    (41, 240, 110),
+    (16, 128, 128),
+]
+
+# A 3x5 bitmap font: the clock's digits and colon.
+_FONT = {
+    "0": ("111", "101", "101", "101", "111"),
+    "1": ("010", "110", "010", "010", "111"),
+    "2": ("111", "001", "111", "100", "111"),
+    "3": ("111", "001", "111", "001", "111"),
+    "4": ("101", "101", "111", "001", "001"),
+    "5": ("111", "100", "111", "001", "111"),
+    "6": ("111", "100", "111", "101", "111"),
+    "7": ("111", "001", "010", "010", "010"),
+    "8": ("111", "101", "111", "101", "111"),
+    "9": ("111", "101", "111", "001", "111"),
+    ":": ("000", "010", "000", "010", "000"),
+}
+_SCALE = 8  # pixels per font cell
+_CLOCK_X = 48
+_CLOCK_Y = 200
+_CLOCK_TEXT_WIDTH = 8 * 4 * _SCALE  # "MM:SS:FF", 3 cells and a gap each
+
+
+def cache_dir() -> Path:
+    """
+    Where the demo's file is kept between runs: C{$XDG_CACHE_HOME/aceproxy},
+    or C{~/.cache/aceproxy}, as other programs keep regenerable files.
+    """
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "aceproxy"
+
+
+def demo_file(path: Path | None = None) -> Path:
+    """
+    The demo's MPEG-TS file at C{path} (default: L{FILE_NAME} in
+    L{cache_dir}), made if missing: encoding takes a few seconds, which the
+    demo should not pay at every start.
+    """
+    if path is None:
+        path = cache_dir() / FILE_NAME
+    if not path.exists():
+        generate(path)
+    return path
+
+
+def generate(path: Path, seconds: int = SECONDS) -> None:
+    """
+    Make the demo file at C{path}: written beside it and renamed into
+    place, so an interrupted run leaves no half file to be played later.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    _encode(partial, seconds)
+    partial.write_bytes(nulls_to_data(partial.read_bytes()))
+    partial.replace(path)
+
+
+def _encode(path: Path, seconds: int) -> None:
+    """Encode the picture and the tone and mux them into MPEG-TS."""
+    import av  # a test/demo extra: see the module docstring
+
+    with av.open(
+        str(path),
+        "w",
+        format="mpegts",
+        options={"mpegts_start_pid": str(START_PID), "muxrate": str(MUX_RATE)},
+    ) as container:
+        video = container.add_stream("mpeg2video", rate=FPS)
+        video.width, video.height = WIDTH, HEIGHT
+        video.pix_fmt = "yuv420p"
+        video.bit_rate = VIDEO_BITRATE
+        video.codec_context.gop_size = GOP
+        # No B-frames: the stream starts with, and every GOP is, a
+        # keyframe followed by frames that need only earlier ones.
+        video.codec_context.max_b_frames = 0
+        audio = container.add_stream("mp2", rate=SAMPLE_RATE)
+        audio.layout = "mono"
+        audio.bit_rate = AUDIO_BITRATE
+        # Declares the data PID in the PMT, so that demuxers leave it
+        # alone; nothing is muxed on it here (see L{nulls_to_data}).  As
+        # KLV (stream type 0x15, registration "KLVA"), a data codec
+        # libavformat knows and no player decodes: as plain private data
+        # (0x06) libavformat would probe its packets, whose numbers it can
+        # take for a video codec, and fail to open the whole stream.
+        data = container.add_data_stream("klv")
+        data.id = synthetic.DATA_PID
+        planes = _background()
+        tone = _tone_samples()
+        samples_per_frame = SAMPLE_RATE // FPS
+        for index in range(seconds * FPS):
+            frame = av.VideoFrame(WIDTH, HEIGHT, "yuv420p")
+            luma = bytearray(planes[0])
+            _draw_clock(luma, index)
+            for number, (plane, data) in enumerate(zip(frame.planes, (luma, *planes[1:]))):
+                _fill_plane(plane, bytes(data), WIDTH if number == 0 else WIDTH // 2)
+            frame.pts = index
+            for packet in video.encode(frame):
+                container.mux(packet)
+            sound = av.AudioFrame(format="s16", layout="mono", samples=samples_per_frame)
+            sound.sample_rate = SAMPLE_RATE
+            sound.pts = index * samples_per_frame
+            sound.planes[0].update(tone)
+            for packet in audio.encode(sound):
+                container.mux(packet)
+        for stream in (video, audio):
+            for packet in stream.encode(None):
+                container.mux(packet)
+
+
+def _fill_plane(plane, data: bytes, width: int) -> None:
+    """Copy tightly packed rows into a plane whose rows may be padded."""
+    stride = plane.line_size
+    if stride == width:
+        plane.update(data)
+        return
+    rows = len(data) // width
+    padded = bytearray(stride * rows)
+    for row in range(rows):
+        padded[row * stride : row * stride + width] = data[row * width : (row + 1) * width]
+    plane.update(bytes(padded))
+
+
+def _background() -> tuple[bytes, bytes, bytes]:
+    """
+    The still part of the picture: colour bars over the top two thirds,
+    a black band below with a grey box where the clock runs.
+    """
+    bar_width = WIDTH // len(_BARS)
+    bars_height = HEIGHT * 2 // 3
+    planes = []
+    for component, (width, height) in enumerate(
+        [(WIDTH, HEIGHT), (WIDTH // 2, HEIGHT // 2), (WIDTH // 2, HEIGHT // 2)]
+    ):
+        sub = WIDTH // width
+        bar_row = bytes(
+            _BARS[min(x * sub // bar_width, len(_BARS) - 1)][component] for x in range(width)
+        )
+        black = bytes([16 if component == 0 else 128]) * width
+        split = bars_height // sub
+        planes.append(bar_row * split + black * (height - split))
+    return planes[0], planes[1], planes[2]
+
+
+def _draw_clock(luma: bytearray, index: int) -> None:
+    """Draw C{MM:SS:FF}, the frame's time in the file, in white."""
+    seconds, frame = divmod(index, FPS)
+    text = f"{seconds // 60:02d}:{seconds % 60:02d}:{frame:02d}"
+    white = bytes([235]) * _SCALE
+    for position, char in enumerate(text):
+        left = _CLOCK_X + position * 4 * _SCALE
+        for row, cells in enumerate(_FONT[char]):
+            for column, cell in enumerate(cells):
+                if cell != "1":
+                    continue
+                x = left + column * _SCALE
+                for y in range(_CLOCK_Y + row * _SCALE, _CLOCK_Y + (row + 1) * _SCALE):
+                    luma[y * WIDTH + x : y * WIDTH + x + _SCALE] = white
+
+
+def _tone_samples() -> bytes:
+    """One video frame's worth of a sine tone, 16-bit mono (see L{TONE_HZ})."""
+    count = SAMPLE_RATE // FPS
+    return b"".join(
+        int(8000 * math.sin(2 * math.pi * TONE_HZ * n / SAMPLE_RATE)).to_bytes(
+            2, "little", signed=True
+        )
+        for n in range(count)
+    )
+
+
+def nulls_to_data(data: bytes) -> bytes:
+    """
+    C{data} with each null packet replaced by a synthetic data packet.
+    They carry seq 0 and no tag here: the engine stamps them as it serves
+    them.
+    """
+    template = synthetic.data_packet(0, b"\0\0\0\0", 0.0)
+    out = bytearray(data)
+    replaced = 0
+    for offset in range(0, len(out), PACKET_SIZE):
+        if (out[offset + 1] & 0x1F) << 8 | out[offset + 2] == NULL_PID:
+            out[offset : offset + PACKET_SIZE] = template
+            replaced += 1
+    if not replaced:
+        raise ValueError("the muxer left no null packets to carry the data packets")
+    return bytes(out)

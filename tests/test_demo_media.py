@@ -1,0 +1,167 @@
+"""
+Tests for the demo's broadcast (L{acestream_proxy.testing.demo_media}): a
+picture and a tone a player can decode, with the synthetic data packets
+beside them, played by the simulated engine through the proxy and decoded
+with PyAV (libavformat and libavcodec, as in VLC and mpv).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import av
+import av.logging
+import pytest
+import pytest_twisted
+
+from acestream_proxy.stream.mpegts import PACKET_SIZE, PAT_PID
+from acestream_proxy.testing import demo, demo_media, synthetic
+from acestream_proxy.testing.engine import content_tag
+from acestream_proxy.testing.source import TsSource, load
+
+from .support import HASHES, Player, start_engine
+
+SECONDS = 4
+KEY = HASHES[0]
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("media") / demo_media.FILE_NAME
+    demo_media.generate(path, seconds=SECONDS)
+    return path
+
+
+@pytest.fixture
+def decoder_log():
+    """
+    Every message libav logs at warning level or worse while decoding: a
+    decoder reports damage it concealed here, without raising.
+    """
+    previous = av.logging.get_level()
+    av.logging.set_level(av.logging.WARNING)
+    with av.logging.Capture() as logs:
+        yield logs
+    av.logging.set_level(previous)
+
+
+def errors(logs) -> list:
+    """
+    The captured messages but the demuxer's note that the data stream has
+    no timestamps to estimate the duration by (it has none: it is data).
+    """
+    return [entry for entry in logs if "is not set in estimate_timings_from_pts" not in entry[2]]
+
+
+def pid(packet: bytes) -> int:
+    return ((packet[1] & 0x1F) << 8) | packet[2]
+
+
+def decode(data: bytes) -> dict:
+    """Demux and decode C{data}: the streams found and frames per type."""
+    with av.open(io.BytesIO(data), format="mpegts") as container:
+        found = {stream.type: stream for stream in container.streams}
+        codecs = {
+            kind: stream.codec_context.name
+            for kind, stream in found.items()
+            if kind in ("video", "audio")
+        }
+        data_pid = found["data"].id if "data" in found else None
+        data_codec = found["data"].name if "data" in found else None
+        counts = {"video": 0, "audio": 0, "keyframe_first": None}
+        for frame in container.decode(video=0, audio=0):
+            kind = "video" if isinstance(frame, av.VideoFrame) else "audio"
+            if kind == "video" and counts["keyframe_first"] is None:
+                counts["keyframe_first"] = frame.key_frame
+            counts[kind] += 1
+    return {"codecs": codecs, "data_pid": data_pid, "data_codec": data_codec, **counts}
+
+
+def whole(data: bytes | bytearray) -> bytes:
+    data = bytes(data)
+    return data[: len(data) - len(data) % PACKET_SIZE]
+
+
+def test_the_file_is_a_picture_a_tone_and_data(media, decoder_log) -> None:
+    source = load(media)
+    assert source.bitrate == demo_media.MUX_RATE
+    assert len(source.data_positions) > 100
+    # PAT first, then the PMT, before any audio or video.
+    pids = [pid(source.data[i : i + PACKET_SIZE]) for i in range(0, 4 * PACKET_SIZE, PACKET_SIZE)]
+    assert PAT_PID in pids[:2] and pids.index(PAT_PID) < 3
+    decoded = decode(source.data)
+    assert decoded["codecs"] == {"video": "mpeg2video", "audio": "mp2"}
+    assert decoded["data_pid"] == synthetic.DATA_PID
+    assert decoded["data_codec"] == "klv"
+    assert decoded["keyframe_first"]
+    assert decoded["video"] == SECONDS * demo_media.FPS
+    assert decoded["audio"] >= SECONDS * demo_media.SAMPLE_RATE // 1152 - 2
+    assert errors(decoder_log) == []
+
+
+def test_made_once_and_cached(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert demo_media.cache_dir() == tmp_path / "xdg" / "aceproxy"
+    made = []
+
+    def generate(path: Path) -> None:
+        made.append(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"ts")
+
+    monkeypatch.setattr(demo_media, "generate", generate)
+    path = demo_media.demo_file()
+    assert path == tmp_path / "xdg" / "aceproxy" / demo_media.FILE_NAME
+    assert demo_media.demo_file() == path
+    assert made == [path]
+    assert demo_media.demo_file(tmp_path / "elsewhere.ts") == tmp_path / "elsewhere.ts"
+    assert made == [path, tmp_path / "elsewhere.ts"]
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert demo_media.cache_dir() == tmp_path / "home" / ".cache" / "aceproxy"
+
+
+def test_demo_plays_the_media_it_is_given(media, tmp_path) -> None:
+    assert demo.load_media(media).data == load(media).data
+    (tmp_path / "text.ts").write_text("not a transport stream\n")
+    with pytest.raises(SystemExit, match="^demo: .*not an MPEG-TS file"):
+        demo.load_media(tmp_path / "text.ts")
+
+
+@pytest_twisted.ensureDeferred
+async def test_players_through_the_proxy_decode_and_verify(
+    media, proxy_factory, decoder_log
+) -> None:
+    """
+    The first player gets the broadcast from the file's start (PAT, PMT, a
+    keyframe) and decodes it with no error; its data PID and a late
+    joiner's verify gap-free.  A late joiner starts wherever the broadcast
+    is, mid-GOP, so its first frames may not decode: not checked here.
+    """
+    source = load(media)
+    running = start_engine(bitrate=source.bitrate, batch_interval=0.02, source=source)
+    try:
+        proxy = await proxy_factory([running.config("engine-a")])
+        first = await Player.open(proxy.stream_url(KEY))
+        await first.wait_bytes(len(source.data) // SECONDS)  # a second of it
+        late = await Player.open(proxy.stream_url(KEY))
+        await first.wait_bytes(len(source.data) * 3 // 2)  # past the loop
+        await late.wait_bytes(len(source.data) // 2)
+        body = whole(first.data)
+        assert body[: len(source.data)] != source.data  # data packets are stamped
+        report = synthetic.verify(body, content_tag=content_tag(KEY))
+        assert report.ok and report.first_seq == 0, report.describe()
+        decoded = decode(body[: len(source.data)])
+        assert decoded["codecs"] == {"video": "mpeg2video", "audio": "mp2"}
+        assert decoded["keyframe_first"]
+        assert decoded["video"] == SECONDS * demo_media.FPS
+        assert decoded["audio"] > 0
+        assert errors(decoder_log) == []
+        late_report = synthetic.verify(whole(late.data), content_tag=content_tag(KEY))
+        assert late_report.ok and late_report.first_seq > 0, late_report.describe()
+        first.disconnect()
+        late.disconnect()
+    finally:
+        await running.stop()
+
