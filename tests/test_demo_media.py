@@ -15,6 +15,7 @@ import av.logging
 import pytest
 import pytest_twisted
 
+from acestream_proxy.stream.keyframes import KeyframeScanner
 from acestream_proxy.stream.mpegts import PACKET_SIZE, PAT_PID
 from acestream_proxy.testing import demo, demo_media, synthetic
 from acestream_proxy.testing.engine import content_tag
@@ -135,16 +136,16 @@ async def test_players_through_the_proxy_decode_and_verify(
 ) -> None:
     """
     The first player gets the broadcast from the file's start (PAT, PMT, a
-    keyframe) and decodes it with no error; its data PID and a late
-    joiner's verify gap-free.  A late joiner starts wherever the broadcast
-    is, mid-GOP, so its first frames may not decode: not checked here.
+    keyframe) and decodes it with no error; a late joiner starts on a
+    keyframe with the PAT and PMT in front, and decodes with no error from
+    its first frame too; both players' data PIDs verify gap-free.
     """
     source = load(media)
     running = start_engine(bitrate=source.bitrate, batch_interval=0.02, source=source)
     try:
         proxy = await proxy_factory([running.config("engine-a")])
         first = await Player.open(proxy.stream_url(KEY))
-        await first.wait_bytes(len(source.data) // SECONDS)  # a second of it
+        await first.wait_bytes(2 * len(source.data) // SECONDS)  # two seconds of it
         late = await Player.open(proxy.stream_url(KEY))
         await first.wait_bytes(len(source.data) * 3 // 2)  # past the loop
         await late.wait_bytes(len(source.data) // 2)
@@ -160,6 +161,21 @@ async def test_players_through_the_proxy_decode_and_verify(
         assert errors(decoder_log) == []
         late_report = synthetic.verify(whole(late.data), content_tag=content_tag(KEY))
         assert late_report.ok and late_report.first_seq > 0, late_report.describe()
+        # Up to a second before the file's loop point (its data packets are
+        # numbered on across loops, so the first loop holds per_loop of
+        # them): the decoder is judged on the broadcast, not on the loop.
+        per_loop = synthetic.verify(body[: len(source.data)], content_tag=content_tag(KEY))
+        left = per_loop.data_packets - late_report.first_seq
+        before_loop = left * len(source.data) // per_loop.data_packets
+        late_body = whole(late.data[: before_loop - len(source.data) // SECONDS])
+        # ... and ending on a keyframe, so that its last frame is whole.
+        late_body = late_body[: KeyframeScanner().feed(late_body)[-1]]
+        assert len(late_body) >= len(source.data) // SECONDS // 2, "the late joiner came too late"
+        late_decoded = decode(late_body)
+        assert late_decoded["keyframe_first"]
+        assert late_decoded["video"] >= demo_media.FPS // 2
+        assert late_decoded["audio"] > 0
+        assert errors(decoder_log) == []
         first.disconnect()
         late.disconnect()
     finally:
