@@ -12,6 +12,7 @@ errors, its session ids) is shown tamed by L{engine_text}.
 
 import json
 import unicodedata
+from collections.abc import Callable
 from urllib.parse import urlencode, urlsplit
 
 import attrs
@@ -244,17 +245,7 @@ class EngineAPI:
         Collect a body of at most L{MAX_ANSWER} bytes: an engine answering
         with something endless must not grow our memory.
         """
-        parts: list[bytes] = []
-        size = 0
-
-        def collect(data: bytes) -> None:
-            nonlocal size
-            size += len(data)
-            if size > MAX_ANSWER:
-                raise EngineError("engine answer too large")
-            parts.append(data)
-
-        return treq.collect(response, collect).addCallback(lambda _: b"".join(parts))
+        return read_bounded(response, MAX_ANSWER, lambda: EngineError("engine answer too large"))
 
     async def getstream(self, engine: Engine, key: str, param: str = "infohash") -> Playback:
         """
@@ -353,6 +344,24 @@ class EngineAPI:
         if answer.get("error") or not isinstance(result, dict):
             raise EngineError(f"engine {engine.id} answered get_version with an error")
         return str(result.get("version", ""))
+
+
+def read_bounded(response: IResponse, limit: int, too_large: Callable[[], Exception]):
+    """
+    Collect C{response}'s body, failing with C{too_large()} as soon as it
+    passes C{limit} bytes, whatever its headers said.
+    """
+    parts: list[bytes] = []
+    size = 0
+
+    def collect(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
+        if size > limit:
+            raise too_large()
+        parts.append(data)
+
+    return treq.collect(response, collect).addCallback(lambda _: b"".join(parts))
 
 
 def discard_body(response) -> None:

@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterable
 from urllib.parse import urljoin
 
 import attrs
-import treq
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.logger import Logger
@@ -38,7 +37,7 @@ from twisted.python.failure import Failure
 
 from ..background import Tasks, periodic
 from ..constants import Role, StreamState
-from .api import discard_body
+from .api import discard_body, read_bounded
 from .registry import Engine, EngineRegistry
 
 #: Largest answer read: a thousand engines of acestream-orchestrator's
@@ -243,7 +242,11 @@ class Orchestrator(MultiService):
         if isinstance(response.length, int) and response.length > MAX_ANSWER:
             discard_body(response)
             raise OrchestratorError(f"its answer is larger than {MAX_ANSWER} bytes")
-        return await _read(response)
+        return await read_bounded(
+            response,
+            MAX_ANSWER,
+            lambda: OrchestratorError(f"its answer is larger than {MAX_ANSWER} bytes"),
+        )
 
     def _report(self, problem: str | None) -> None:
         """
@@ -441,21 +444,3 @@ class EventReporter(MultiService):
         else:
             self.log.info("orchestrator: event reports accepted again")
         self._problem = problem
-
-
-def _read(response) -> Deferred:
-    """
-    Collect a body of at most L{MAX_ANSWER} bytes, whatever its headers
-    said: an endless answer must not grow our memory.
-    """
-    parts: list[bytes] = []
-    size = 0
-
-    def collect(data: bytes) -> None:
-        nonlocal size
-        size += len(data)
-        if size > MAX_ANSWER:
-            raise OrchestratorError(f"its answer is larger than {MAX_ANSWER} bytes")
-        parts.append(data)
-
-    return treq.collect(response, collect).addCallback(lambda _: b"".join(parts))
