@@ -175,11 +175,7 @@ class KeyframeScanner:
 
     def _psi(self, data: bytes, count: int) -> None:
         """Keep the latest PAT and PMT, and what they say."""
-        for index in self._candidates(data, count, PAT_PID, False):
-            packet = data[index * PACKET_SIZE : (index + 1) * PACKET_SIZE]
-            section = _section(packet)
-            if section is None or section[0] != _PAT_TABLE_ID:
-                continue
+        for packet, section in self._sections(data, count, PAT_PID, _PAT_TABLE_ID):
             self.pat = packet
             pmt_pid = _pmt_pid(section)
             if pmt_pid != self.pmt_pid:
@@ -188,14 +184,21 @@ class KeyframeScanner:
                 self.video_pid = self.stream_type = None
         if self.pmt_pid is None:
             return
-        for index in self._candidates(data, count, self.pmt_pid, False):
-            packet = data[index * PACKET_SIZE : (index + 1) * PACKET_SIZE]
-            section = _section(packet)
-            if section is None or section[0] != _PMT_TABLE_ID:
-                continue
+        for packet, section in self._sections(data, count, self.pmt_pid, _PMT_TABLE_ID):
             self.pmt = packet
             found = _video_pid(section)
             self.video_pid, self.stream_type = found if found else (None, None)
+
+    def _sections(self, data: bytes, count: int, pid: int, table_id: int):
+        """
+        Each packet of C{pid} in which a C{table_id} section starts, with
+        that section.
+        """
+        for index in self._candidates(data, count, pid, False):
+            packet = data[index * PACKET_SIZE : (index + 1) * PACKET_SIZE]
+            section = _section(packet)
+            if section is not None and section[0] == table_id:
+                yield packet, section
 
     def _candidates(self, data: bytes, count: int, pid: int, adaptation: bool) -> list[int]:
         """
