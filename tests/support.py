@@ -117,14 +117,22 @@ def start_proxy(
         engines=tuple(engines),
         tuning=Tuning(**tuning),
     )
+    return (yield serve(config))
+
+
+@inlineCallbacks
+def serve(config: Config, **site_options):
+    """
+    Run the daemon of C{config} on a free port of 127.0.0.1, its site made
+    with C{site_options}.
+    """
     service = make_service(config, reactor, listen=False)
     service.startService()
     # The first engine probe runs at start; let it finish so selection sees
     # every engine's health.
-    yield service.getServiceNamed("streams").engines.probe()
-    port = reactor.listenTCP(
-        0, make_site(service.getServiceNamed("streams"), config), interface="127.0.0.1"
-    )
+    streams = service.getServiceNamed("streams")
+    yield streams.engines.probe()
+    port = reactor.listenTCP(0, make_site(streams, config, **site_options), interface="127.0.0.1")
     return RunningProxy(service, port)
 
 

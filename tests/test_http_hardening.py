@@ -31,14 +31,13 @@ from twisted.internet.task import Clock, deferLater
 from acestream_proxy.config import Config, ConfigError, Tuning, build
 from acestream_proxy.errors import Unavailable
 from acestream_proxy.http.limits import ClientLimits, is_loopback
-from acestream_proxy.http.routes import make_site
 from acestream_proxy.http.site import SEND_ALLOWANCE
-from acestream_proxy.service import file_limit_needed, make_service
+from acestream_proxy.service import file_limit_needed
 from acestream_proxy.stream.mpegts import PACKET_SIZE
 from acestream_proxy.stream.registry import LIMIT_RETRY_AFTER
 
 from .rawplayer import RawPlayer, open_raw_player
-from .support import HASHES, Player, RunningProxy, check_whole_packets, eventually
+from .support import HASHES, Player, RunningProxy, check_whole_packets, eventually, serve
 from .test_end_to_end import TWISTD, spawn  # noqa: F401 (spawn: fixture)
 
 KEY, OTHER, THIRD = HASHES[6], HASHES[7], HASHES[8]
@@ -72,13 +71,8 @@ def proxies(engine):
             engines=(engine.config("engine-a"),),
             tuning=Tuning(**tuning),
         )
-        service = make_service(config, reactor, listen=False)
-        service.startService()
-        streams = service.getServiceNamed("streams")
-        await streams.engines.probe()
         options = {} if exempt is None else {"exempt": exempt}
-        port = reactor.listenTCP(0, make_site(streams, config, **options), interface="127.0.0.1")
-        proxy = RunningProxy(service, port)
+        proxy = await serve(config, **options)
         started.append(proxy)
         return proxy
 

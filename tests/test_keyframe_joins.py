@@ -12,7 +12,6 @@ import socket
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 from twisted.internet.task import Clock
 
 from acestream_proxy.store.memory import MemoryStore
@@ -23,7 +22,7 @@ from acestream_proxy.stream.writer import StoreWriter
 
 from .support import eventually
 from .test_keyframes import CHUNK, decode, make_ts, scan
-from .test_sendpath import Served, _Site
+from .test_sendpath import Served, serving
 
 JOIN_CHUNKS = 3
 
@@ -35,13 +34,7 @@ def video() -> bytes:
 
 @pytest.fixture
 def served():
-    served = Served(FanOut(ChunkWindow(6, ttl=600), join_chunks=JOIN_CHUNKS))
-    served.port = reactor.listenTCP(0, _Site(served), interface="127.0.0.1")
-    yield served
-    for client in served.clients:
-        if client.transport is not None:
-            client.transport.abortConnection()
-    pytest_twisted.blockon(served.port.stopListening())
+    yield from serving(FanOut(ChunkWindow(6, ttl=600), join_chunks=JOIN_CHUNKS))
 
 
 def owned_store(clock: Clock) -> MemoryStore:

@@ -19,12 +19,10 @@ from acestream_proxy.channels import ChannelConfig, client_is_trusted
 from acestream_proxy.config import Config, Tuning, build, load_file
 from acestream_proxy.config_checks import ConfigError
 from acestream_proxy.http.playlist import render_m3u
-from acestream_proxy.http.routes import make_site
 from acestream_proxy.options import Options
-from acestream_proxy.service import make_service
 
 from .rawplayer import RawPlayer
-from .support import HASHES, RunningProxy, eventually
+from .support import HASHES, RunningProxy, eventually, serve
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "systemd" / "aceproxy.toml.example"
@@ -179,12 +177,7 @@ def proxies(engine):
             channels=config.channels,
             trusted_proxies=config.trusted_proxies,
         )
-        service = make_service(config, reactor, listen=False)
-        service.startService()
-        await service.getServiceNamed("streams").engines.probe()
-        port = reactor.listenTCP(0, make_site(service.getServiceNamed("streams"), config),
-                                 interface="127.0.0.1")
-        proxy = RunningProxy(service, port)
+        proxy = await serve(config)
         started.append(proxy)
         return proxy
 

@@ -161,15 +161,23 @@ class _Site(Site):
         return channel
 
 
-@pytest.fixture
-def served():
-    served = Served(FanOut(ChunkWindow(10, ttl=60), join_chunks=3))
+def serving(fanout: FanOut):
+    """
+    A fixture's body: C{fanout}'s players served on a free port of
+    127.0.0.1, their connections dropped and the port closed after the test.
+    """
+    served = Served(fanout)
     served.port = reactor.listenTCP(0, _Site(served), interface="127.0.0.1")
     yield served
     for client in served.clients:
         if client.transport is not None:
             client.transport.abortConnection()
     pytest_twisted.blockon(served.port.stopListening())
+
+
+@pytest.fixture
+def served():
+    yield from serving(FanOut(ChunkWindow(10, ttl=60), join_chunks=3))
 
 
 @pytest.fixture
