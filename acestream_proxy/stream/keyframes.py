@@ -151,6 +151,13 @@ class KeyframeScanner:
     stream_type: int | None = None
     _tables: dict[int, tuple[bytes, bytes]] = attrs.field(factory=dict, init=False, repr=False)
 
+    def psi_for(self, access: tuple[int, ...]) -> bytes:
+        """
+        What a player starting at one of C{access} needs in front: the
+        latest PAT and PMT, or nothing when there is no such point.
+        """
+        return self.pat + self.pmt if access else b""
+
     def feed(self, data: bytes) -> tuple[int, ...]:
         """
         Scan the next run of whole packets.

@@ -136,7 +136,7 @@ class BufferTail(MultiService):
             for index, data in found:
                 self.next_index = index + 1
                 access = self._scanner.feed(data)
-                psi = self._scanner.pat + self._scanner.pmt if access else b""
+                psi = self._scanner.psi_for(access)
                 self.fanout.deliver(Chunk.make(index, data, now, access, psi))
 
     def stopService(self) -> Deferred:

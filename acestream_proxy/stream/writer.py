@@ -107,8 +107,7 @@ class StoreWriter:
         self._held_bytes = 0
         access = tuple(self._held_access)
         self._held_access.clear()
-        scanner = self._scanner
-        psi = scanner.pat + scanner.pmt if access else b""
+        psi = self._scanner.psi_for(access)
         self._pending.append((framed, len(head), self.clock.seconds(), access, psi))
         if len(self._pending) > MAX_PENDING and self.producer is not None:
             self.producer.pauseProducing()
