@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from ..metrics import DROPPED_WRITE_TIMEOUT
 from .fanout import FanOut
-from .sendpath import batch_writer, direct_writer
+from .sendpath import writers
 from .window import frame
 
 #: The most chunks a player that is behind is sent in one system call.
@@ -106,9 +106,10 @@ class PlayerProducer:
         # stuck player then holds at most the rest of one chunk in our
         # memory, and catches up from the shared window when its socket
         # drains (see sendpath.pausing_writer).
-        self._write = direct_writer(request.transport)
+        self._write, write_many = writers(request.transport)
         if self._chunked:
-            self._write_many = batch_writer(request.transport)
+            # The batches are of framed chunks: HTTP/1.0 players take bare ones.
+            self._write_many = write_many
         self.fanout.add(self)
         request.registerProducer(self, True)
         self.position = self.fanout.join_position()

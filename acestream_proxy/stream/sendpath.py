@@ -132,20 +132,28 @@ class _InertReactor:
         pass
 
 
-def direct_writer(transport) -> Callable[[bytes], None]:
+def writers(transport) -> tuple[Callable[[bytes], None], Callable[[list], int] | None]:
     """
-    A C{write} for a player's C{transport}: it sends immediately when it
-    can, and whenever it leaves bytes queued it pauses the transport's
-    producer (see L{pausing_writer}).  For any transport other than plain
-    TCP, or when L{fast_path} is off, that queueing write alone.
+    A player's C{write} and C{write_many} for its C{transport}, sharing one
+    queueing write (see L{pausing_writer}).  For any transport other than
+    plain TCP, or when L{fast_path} is off, that queueing write alone and
+    no C{write_many}.
+    """
+    queue = pausing_writer(transport)
+    if not _plain_tcp(transport) or not fast_path().on:
+        return queue, None
+    return _direct_writer(transport, queue), _batch_writer(transport, queue)
+
+
+def _direct_writer(transport, queue: Callable[[bytes], None]) -> Callable[[bytes], None]:
+    """
+    A C{write} that sends immediately when it can, and whenever it leaves
+    bytes queued it pauses the transport's producer through C{queue}.
 
     The send calls the socket itself: C{writeSomeData} would add a
     memoryview, a retry wrapper for C{EINTR} (which Python retries on its
     own) and two calls per chunk and player.
     """
-    queue = pausing_writer(transport)
-    if not _plain_tcp(transport) or not fast_path().on:
-        return queue
     send = transport.socket.send
 
     def write(data: bytes) -> None:
@@ -173,18 +181,14 @@ def direct_writer(transport) -> Callable[[bytes], None]:
     return write
 
 
-def batch_writer(transport) -> Callable[[list], int] | None:
+def _batch_writer(transport, queue: Callable[[bytes], None]) -> Callable[[list], int]:
     """
     A C{write_many} for a player that is behind: it hands several buffers
     to the kernel in one C{sendmsg}, and queues the rest of the first one
-    the kernel does not take whole, which pauses the producer as
-    L{direct_writer} does.  It returns how many buffers it handed over
-    (sent or queued), at least one.  L{None} where L{direct_writer} would
-    not send directly.
+    the kernel does not take whole, which pauses the producer as the
+    direct write does.  It returns how many buffers it handed over (sent
+    or queued), at least one.
     """
-    if not _plain_tcp(transport) or not fast_path().on:
-        return None
-    queue = pausing_writer(transport)
     sendmsg = transport.socket.sendmsg
 
     def write_many(buffers: list) -> int:
