@@ -97,10 +97,7 @@ class StoreWriter:
         Close the chunk being gathered: framed once, here, in one copy; the
         store and the fan-out share these bytes.
         """
-        if self._seal_call is not None:
-            if self._seal_call.active():
-                self._seal_call.cancel()
-            self._seal_call = None
+        self._cancel_seal()
         head = b"%x\r\n" % self._held_bytes
         framed = b"".join([head, *self._held, b"\r\n"])
         self._held.clear()
@@ -112,6 +109,11 @@ class StoreWriter:
         if len(self._pending) > MAX_PENDING and self.producer is not None:
             self.producer.pauseProducing()
         self.flush()
+
+    def _cancel_seal(self) -> None:
+        if self._seal_call is not None and self._seal_call.active():
+            self._seal_call.cancel()
+        self._seal_call = None
 
     def flush(self) -> None:
         """
@@ -139,9 +141,7 @@ class StoreWriter:
         without delivering (the buffer tail that follows reads it back).
         """
         self.stopped = True
-        if self._seal_call is not None and self._seal_call.active():
-            self._seal_call.cancel()
-        self._seal_call = None
+        self._cancel_seal()
         self._held.clear()
         self._held_access.clear()
         self._pending.clear()
