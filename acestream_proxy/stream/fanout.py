@@ -41,6 +41,9 @@ class FanOut:
     delivered_bytes: int = 0
     metrics: Metrics = attrs.field(factory=Metrics)
     producers: set = attrs.field(factory=set, init=False)
+    #: Called with each chunk delivered, once per chunk (not per player):
+    #: what cuts HLS segments follows the stream this way.
+    observers: list = attrs.field(factory=list, init=False)
     # Live players, by how they take a chunk: framed for HTTP/1.1 chunked
     # transfer (nearly all), or as bare packets (HTTP/1.0).
     _framed: dict = attrs.field(factory=dict, init=False)
@@ -67,6 +70,8 @@ class FanOut:
             data = bytes(chunk.data)
             for send in list(self._bare.values()):
                 send(data)
+        for observe in self.observers:
+            observe(chunk)
         if self._waiting:
             waiting, self._waiting = self._waiting, []
             for d in waiting:
