@@ -7,6 +7,10 @@ first such point at least C{target} seconds later starts the next.  Its
 duration is told by the video's presentation time stamps where the point's
 packet carries one, else by when the chunks arrived.
 
+Where the time stamps jump (a new engine session, or a splice in the
+broadcast), the segment under way ends at the next keyframe and the next
+one is marked as a discontinuity.
+
 A stream with no video keyframes (radio, the synthetic test stream) is cut at
 chunk boundaries instead, once a little wait shows that none come; a stream
 whose keyframes stop for too long gets one such cut too, so that a segment
@@ -71,6 +75,8 @@ class SegmentCutter:
     _first_at: float | None = attrs.field(default=None, init=False)
     _psi: bytes = attrs.field(default=b"", init=False)
     _keyframes: bool = attrs.field(default=False, init=False)
+    # The time stamp of the last keyframe seen, to notice a jump.
+    _last_pts: int | None = attrs.field(default=None, init=False)
     # The next segment begins a new engine session.
     _session_changed: bool = attrs.field(default=False, init=False)
 
@@ -107,16 +113,28 @@ class SegmentCutter:
             data = chunk.data
             for offset in chunk.random_access:
                 pts = pes_pts(data[offset : offset + PACKET_SIZE])
-                self._point(_Point(chunk.index, offset, pts, at, self._psi))
+                jumped = self._jumped(pts)
+                self._point(_Point(chunk.index, offset, pts, at, self._psi), jumped=jumped)
         elif self._keyframes:
             if self._start is not None and at - self._start.at >= self.longest:
                 self._point(_Point(chunk.index, 0, None, at, self._psi), force=True)
         elif self._start is not None or at - self._first_at >= 2 * self.target:
             self._point(_Point(chunk.index, 0, None, at, self._psi))
 
-    def _point(self, point: _Point, force: bool = False) -> None:
+    def _jumped(self, pts: int | None) -> bool:
+        """
+        Whether the time stamps jumped (went back, or far ahead) since the
+        last keyframe: a splice in the broadcast, which players must be told
+        of as a discontinuity, as they are of a new engine session.
+        """
+        last, self._last_pts = self._last_pts, pts
+        if last is None or pts is None:
+            return False
+        return not 0 <= ((pts - last) % _PTS_MODULO) / _PTS_RATE <= _LONGEST_GAP
+
+    def _point(self, point: _Point, force: bool = False, jumped: bool = False) -> None:
         start = self._start
-        changed = self._session_changed
+        changed = self._session_changed or jumped
         if start is not None:
             duration = self._duration(start, point, changed)
             if duration < self.target and not (force or changed):
@@ -136,9 +154,7 @@ class SegmentCutter:
         if changed:
             self._session_changed = False
             self.discontinuity += 1
-        self._start = attrs.evolve(
-            point, discontinuity=self.discontinuity, discontinuous=changed
-        )
+        self._start = attrs.evolve(point, discontinuity=self.discontinuity, discontinuous=changed)
 
     def _duration(self, start: _Point, end: _Point, changed: bool) -> float:
         """

@@ -23,9 +23,7 @@ def render(key: str, segments: list[Segment], target: float) -> bytes:
         f"#EXT-X-MEDIA-SEQUENCE:{first.sequence if first else 0}",
     ]
     if first is not None and first.discontinuity:
-        lines.append(
-            f"#EXT-X-DISCONTINUITY-SEQUENCE:{first.discontinuity - first.discontinuous}"
-        )
+        lines.append(f"#EXT-X-DISCONTINUITY-SEQUENCE:{first.discontinuity - first.discontinuous}")
     for segment in segments:
         if segment.discontinuous:
             lines.append("#EXT-X-DISCONTINUITY")

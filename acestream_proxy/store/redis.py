@@ -36,10 +36,10 @@ from .connection import (
     unavailable,
 )
 from .redis_buffer import RedisRingBuffer
-from .redis_segments import RedisSegmentIndex
 from .redis_ended import EndedStreams
 from .redis_leases import LeaseCommands
 from .redis_players import PlayerCommands
+from .redis_segments import RedisSegmentIndex
 from .replies import flatten, pairs, text
 
 

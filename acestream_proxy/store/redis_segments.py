@@ -22,4 +22,8 @@ class RedisSegmentIndex:
         ).addCallback(lambda _: None)
 
     def list(self, key: str) -> Deferred[list[str]]:
-        return self.store._call("LRANGE", keys.hls_segments(key), 0, -1)
+        return self.store._call("LRANGE", keys.hls_segments(key), 0, -1).addCallback(
+            lambda records: [
+                r.decode("utf-8", "replace") if isinstance(r, bytes) else r for r in records
+            ]
+        )

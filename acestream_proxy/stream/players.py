@@ -13,8 +13,8 @@ from twisted.logger import Logger
 from ..background import Tasks
 from ..config import Tuning
 from ..constants import Event, PlayerField
-from ..store.base import Store
 from ..hls.viewer import HlsViewer
+from ..store.base import Store
 from .fanout import FanOut
 from .player import PlayerInfo, PlayerProducer
 
