@@ -100,6 +100,7 @@ class StreamSegments:
             self.cutter.new_session()
 
     def _cut(self, segment: Segment) -> None:
+        self.fanout.metrics.hls_segments.inc()
         self._own.append(segment)
         self.tasks.run(self.store.segments.add(self.key, segment.encode(), self.kept))
         if not self.watched():
