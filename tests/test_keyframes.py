@@ -230,6 +230,31 @@ class TestScanner:
         assert scanner.video_pid is None
         assert scanner.pat == pat_packet(19) and scanner.pmt == pmt_packet(19)
 
+    def test_whether_the_stream_has_video(self, mpeg2_ts: bytes) -> None:
+        """
+        C{has_video}, which tells a first player whether to wait for a
+        random-access point: C{None} until the PMT says, unless the stream
+        is bare private data (the synthetic data packets), which has none.
+        """
+        data = data_packets(0, 20, b"TAG1", 1.0)
+        bare = KeyframeScanner()
+        bare.feed(data)
+        assert bare.has_video is False
+        radio = KeyframeScanner()
+        radio.feed(pat_packet(0) + data)
+        assert radio.has_video is None
+        radio.feed(pmt_packet(0) + data)
+        assert radio.has_video is False
+        bare.feed(pat_packet(0) + pmt_packet(0))
+        assert bare.has_video is False and bare.pmt is not None
+
+        scanner, found = scan(mpeg2_ts)
+        video = KeyframeScanner()
+        video.feed(mpeg2_ts[found[0] + PACKET_SIZE :][:PACKET_SIZE])
+        assert video.has_video is None
+        video.feed(scanner.pat + scanner.pmt)
+        assert video.has_video is True
+
     def test_video_before_its_pmt_is_not_reported(self, mpeg2_ts: bytes) -> None:
         """
         A keyframe before any PAT and PMT is not reported (no player could

@@ -52,6 +52,8 @@ def _table(keep) -> bytes:
 
 _PUSI = _table(lambda b: b & 0x40)
 _HAS_ADAPTATION = _table(lambda b: b & 0x20)
+#: PES stream_id of private_stream_1 and private_stream_2.
+_PRIVATE_STREAM = _table(lambda b: b in (0xBD, 0xBF))
 
 
 #: The longest PAT or PMT section, header and CRC included (ISO/IEC
@@ -209,6 +211,22 @@ def _video_pid(pmt: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _bare_data(data: bytes, count: int) -> bool:
+    """
+    Whether each of the C{count} packets of C{data} starts a PES packet of
+    private data (private_stream_1 or 2) right after its header: checked
+    on whole columns of bytes at once.
+    """
+    columns = [data[offset::PACKET_SIZE][:count] for offset in range(1, 8)]
+    return (
+        columns[0].translate(_PUSI) == _ONE * count
+        and columns[2].translate(_HAS_ADAPTATION) == bytes(count)
+        and columns[3] == columns[4] == bytes(count)
+        and columns[5] == _ONE * count
+        and columns[6].translate(_PRIVATE_STREAM) == _ONE * count
+    )
+
+
 def _nal_types(payload: bytes, hevc: bool) -> list[int]:
     """The NAL unit types whose start codes lie in C{payload}."""
     types = []
@@ -284,16 +302,21 @@ class KeyframeScanner:
     # table came again (None until then): every chunk with a random-access
     # point in between shares this one object.
     _psi: bytes | None = attrs.field(default=None, init=False, repr=False)
+    # Whether every packet before the PMT was bare private data.
+    _bare_data: bool = attrs.field(default=True, init=False, repr=False)
     _tables: dict[int, tuple[bytes, bytes]] = attrs.field(factory=dict, init=False, repr=False)
 
     @property
     def has_video(self) -> bool | None:
         """
         Whether the stream has a video PID whose points this finds: C{None}
-        while its PMT is not known yet.
+        while it may, its PMT not seen yet.  A stream that so far is nothing
+        but whole PES packets of private data, one a packet (the synthetic
+        test stream's data packets, without its PAT and PMT), counts as
+        having none: it is no program, and will not turn into one.
         """
         if self.pmt is None:
-            return None
+            return False if self._bare_data else None
         return self.video_pid is not None
 
     def psi_for(self, access: tuple[int, ...]) -> bytes:
@@ -322,6 +345,8 @@ class KeyframeScanner:
         # Until a PMT (in this run or an earlier one) names the video PID,
         # nothing is reported: no player could use it without that PMT.
         self._read_tables(data, count)
+        if self.pmt is None and self._bare_data:
+            self._bare_data = _bare_data(data, count)
         if self.video_pid is None:
             return ()
         return tuple(
