@@ -382,6 +382,12 @@ class TestSectionReader:
         assert read_all(reader, packets[:1] + packets[2:]) == []
         assert read_all(reader, again) == [(table, tuple(again))]
 
+    def test_a_packet_sent_twice_counts_once(self) -> None:
+        table = long_pmt()
+        packets = packetize(0x1000, [table])
+        doubled = packets[:2] + packets[1:]
+        assert read_all(SectionReader(0x02), doubled) == [(table, tuple(packets))]
+
     def test_a_bad_crc_is_ignored(self) -> None:
         table = bytearray(long_pmt())
         table[200] ^= 0x01

@@ -88,8 +88,9 @@ class SectionReader:
     sections of C{table_id} are gathered, never more than L{MAX_PSI_SECTION}
     bytes of one: anything else, a packet missing (continuity counter) or a
     length out of bounds drops what was gathered, and the next pointer_field
-    finds the next section.  Each complete section is handed on only if its
-    CRC is right.
+    finds the next section.  A packet sent twice (the same bytes, the same
+    counter, as a multiplexer may) counts once.  Each complete section is
+    handed on only if its CRC is right.
 
     @ivar table_id: The table whose sections are wanted.
     """
@@ -100,6 +101,7 @@ class SectionReader:
     # The packets carrying the section being gathered: none when none is.
     _packets: list = attrs.field(factory=list, init=False)
     _cc: int | None = attrs.field(default=None, init=False)
+    _last: bytes = attrs.field(default=b"", init=False)
 
     def feed(self, packet: bytes) -> list[tuple[bytes, tuple[bytes, ...]]]:
         """
@@ -112,8 +114,11 @@ class SectionReader:
         if not control & 0x10:
             return []  # no payload, and the counter does not move
         cc = control & 0x0F
+        if cc == self._cc and packet == self._last:
+            return []
         follows = self._cc is not None and cc == (self._cc + 1) & 0x0F
         self._cc = cc
+        self._last = packet
         start = 4
         if control & 0x20:
             start += 1 + packet[4]
