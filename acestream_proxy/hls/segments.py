@@ -77,7 +77,9 @@ class StreamSegments:
         """
         if self.cutter is not None or self.closed:
             return
-        cutter = self.cutter = SegmentCutter(self.target, self._cut)
+        cutter = self.cutter = SegmentCutter(
+            self.target, self._cut, room=self.fanout.window.max_seconds
+        )
         try:
             previous = await self._stored()
         except Unavailable:
