@@ -51,6 +51,7 @@ class Feed:
 
     target: float = 2.0
     index: int = 0
+    session: int = 1
     published: list = attrs.field(factory=list)
     cutter: SegmentCutter = attrs.field(init=False)
 
@@ -67,7 +68,9 @@ class Feed:
         data = b"".join(pes_packet(pts) for pts in keyframe_pts)
         data += b"".join(filler(n) for n in range(packets - len(keyframe_pts)))
         access = tuple(n * PACKET_SIZE for n in range(len(keyframe_pts)))
-        chunk = Chunk.make(self.index, data, at, access, PSI if access and psi else b"")
+        chunk = Chunk.make(
+            self.index, data, at, access, PSI if access and psi else b"", session=self.session
+        )
         self.cutter(chunk)
         return chunk
 
@@ -102,7 +105,7 @@ def test_a_cut_may_fall_inside_a_chunk():
     chunk = feed.chunk(at=1.0, keyframe_pts=[], packets=3)
     # A chunk with a keyframe on its third packet.
     data = filler() + filler() + pes_packet(90_000) + filler()
-    chunk = Chunk.make(chunk.index + 1, data, 1.2, (2 * PACKET_SIZE,), PSI)
+    chunk = Chunk.make(chunk.index + 1, data, 1.2, (2 * PACKET_SIZE,), PSI, session=feed.session)
     feed.cutter(chunk)
     [segment] = feed.published
     assert segment.start == (1, 0)
@@ -194,14 +197,25 @@ def test_a_new_engine_session_ends_the_segment_and_marks_a_discontinuity():
     for n in range(3):
         feed.chunk(at=n, keyframe_pts=[90_000 * n])
     assert [s.sequence for s in feed.published] == [0]
-    feed.cutter.new_session()
-    # The new session's stamps start elsewhere; its first keyframe ends the
-    # segment under way at once, however short, timed by arrival.
-    feed.chunk(at=2.5, keyframe_pts=[7_000_000])
+    feed.session += 1
+    # The new session's first chunk ends the segment under way, however
+    # short, timed by arrival (its last chunk's data lasting as long as the
+    # one before); what the new session sends before its first
+    # keyframe (undecodable) is in no segment, and its stamps start
+    # elsewhere.
+    feed.chunk(at=2.5, keyframe_pts=[])
+    feed.chunk(at=3, keyframe_pts=[7_000_000])
     for n in range(1, 4):
-        feed.chunk(at=2.5 + n, keyframe_pts=[7_000_000 + 90_000 * n])
-    got = [(s.sequence, s.duration, s.discontinuity, s.discontinuous) for s in feed.published]
-    assert got == [(0, 2.0, 0, False), (1, 0.5, 0, False), (2, 2.0, 1, True)]
+        feed.chunk(at=3 + n, keyframe_pts=[7_000_000 + 90_000 * n])
+    got = [
+        (s.sequence, s.start, s.end, s.duration, s.discontinuity, s.discontinuous)
+        for s in feed.published
+    ]
+    assert got == [
+        (0, (1, 0), (3, 0), 2.0, 0, False),
+        (1, (3, 0), (4, 0), 1.0, 0, False),
+        (2, (5, 0), (7, 0), 2.0, 1, True),
+    ]
 
 
 def test_numbering_goes_on_after_a_previous_owner():
@@ -218,7 +232,6 @@ def test_numbering_goes_on_after_a_previous_owner():
 def test_a_first_owner_marks_no_discontinuity():
     feed = Feed(target=2.0)
     feed.cutter.resume_after(None)
-    feed.cutter.new_session()  # the first session opening
     for n in range(3):
         feed.chunk(at=n, keyframe_pts=[90_000 * n])
     [segment] = feed.published

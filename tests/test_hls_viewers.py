@@ -54,6 +54,11 @@ CONTINUATION = 2
 PTS_BASE = 900_000
 
 
+def psi_pids(psi: bytes) -> list[int]:
+    """The PIDs of the packets in C{psi}."""
+    return [((psi[i + 1] & 0x1F) << 8) | psi[i + 2] for i in range(0, len(psi), 188)]
+
+
 def _psi(pid: int, cc: int, table_id: int, body: bytes) -> bytes:
     section = struct.pack(">BH", table_id, 0xB000 | (len(body) + 4)) + body
     section += struct.pack(">I", mpeg2_crc32(section))
@@ -700,7 +705,7 @@ def test_a_stream_without_keyframes_is_cut_at_chunk_starts():
     """
     Video that never has a keyframe (or no video at all): once twice the
     target passed without one, segments start at chunk boundaries, each at
-    least the target long by arrival time, with no PAT and PMT put in front.
+    least the target long by arrival time, with the PAT and PMT in front.
     """
     media = Media(keyframes=False)
     proxy, stream, viewer = started(media)
@@ -715,16 +720,18 @@ def test_a_stream_without_keyframes_is_cut_at_chunk_starts():
     body = result(d).decode()
     assert body.endswith("#EXT-X-MEDIA-SEQUENCE:0\n#EXTINF:2.000,\n../hls/%s/0.ts\n" % KEY)
     (first,) = listed(stream)
-    assert (first.start, first.end, first.duration, first.psi) == ((9, 0), (13, 0), 2.0, b"")
+    assert (first.start, first.end, first.duration) == ((9, 0), (13, 0), 2.0)
+    assert psi_pids(first.psi) == [PAT_PID, PMT_PID]
     offsets = media.chunk_offsets
-    assert segment(stream, 0) == bytes(media.data[offsets[8] : offsets[12]])
+    assert segment(stream, 0) == first.psi + bytes(media.data[offsets[8] : offsets[12]])
     proxy.run(3.5)  # to 10 s
     assert [(s.start, s.end) for s in listed(stream)] == [
         ((9, 0), (13, 0)),
         ((13, 0), (17, 0)),
         ((17, 0), (21, 0)),
     ]
-    assert segment(stream, 2) == bytes(media.data[offsets[16] : offsets[20]])
+    third = listed(stream)[2]
+    assert segment(stream, 2) == third.psi + bytes(media.data[offsets[16] : offsets[20]])
 
 
 def test_synthetic_data_without_video_is_cut_too():
@@ -769,8 +776,10 @@ def test_keyframes_that_stop_get_forced_cuts_the_window_can_serve():
     cut = listed(stream)
     assert [s.sequence for s in cut] == [0, 1, 2, 3]
     assert (cut[-1].start, cut[-1].end, cut[-1].duration) == ((24, 0), (38, 0), 7.0)
+    # Its PAT and PMT are the latest, as its first chunk carries them.
+    assert psi_pids(cut[-1].psi) == [PAT_PID, PMT_PID]
     offsets = media.chunk_offsets
-    assert segment(stream, 3) == psi + bytes(media.data[offsets[23] : offsets[37]])
+    assert segment(stream, 3) == cut[-1].psi + bytes(media.data[offsets[23] : offsets[37]])
     playlist = result(Deferred.fromCoroutine(stream.hls.playlist())).decode()
     assert "#EXT-X-TARGETDURATION:7\n" in playlist
     assert playlist.endswith(f"#EXTINF:7.000,\n../hls/{KEY}/3.ts\n")

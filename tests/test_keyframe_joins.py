@@ -102,10 +102,13 @@ def test_the_writer_marks_random_access_points(video: bytes) -> None:
     ]
     assert found == expected and len(found) == 5
     pids = [((p[1] & 0x1F) << 8) | p[2] for p in (scanner.pat, scanner.pmt)]
+    # Every chunk carries the PAT and PMT current when it was made, once
+    # they are known: a player or segment starting in it needs them.
+    assert chunks[-1].psi
     for chunk in chunks:
         psi = chunk.psi
-        if not chunk.random_access:
-            assert psi == b""
+        if not psi:
+            assert not chunk.random_access
             continue
         assert len(psi) == 2 * PACKET_SIZE and psi[:PACKET_SIZE] in video
         assert [((psi[i + 1] & 0x1F) << 8) | psi[i + 2] for i in (0, PACKET_SIZE)] == pids
@@ -281,7 +284,7 @@ def test_video_without_random_access_points_starts_within_the_window_span(
     scanner, found = scan(video)
     fanout = FanOut(ChunkWindow(100, ttl=600, max_seconds=2), join_chunks=JOIN_CHUNKS)
     writer = writer_for(fanout)
-    psi = scanner.psi_for(tuple(found))
+    psi = scanner.psi
     # Frames between two keyframes, with the tables in front.
     pieces = [
         psi + video[found[1] - (6 - n) * 30 * PACKET_SIZE :][: 30 * PACKET_SIZE]

@@ -7,9 +7,10 @@ first such point at least C{target} seconds later starts the next.  Its
 duration is told by the video's presentation time stamps where the point's
 packet carries one, else by when the chunks arrived.
 
-Where the time stamps jump (a new engine session, or a splice in the
-broadcast), the segment under way ends at the next keyframe and the next
-one is marked as a discontinuity.
+Where the engine session changes, the segment under way ends with the old
+session's last chunk, and the next one starts at the new session's first
+keyframe, marked as a discontinuity; so does a jump in the time stamps (a
+splice in the broadcast), at the keyframe after it.
 
 A stream with no video keyframes (radio, the synthetic test stream) is cut at
 chunk boundaries instead, once a little wait shows that none come; a stream
@@ -76,7 +77,13 @@ class SegmentCutter:
     discontinuity: int = 0
     room: float = math.inf
     _start: _Point | None = attrs.field(default=None, init=False)
-    _first_at: float | None = attrs.field(default=None, init=False)
+    # Since when no segment is under way (the first chunk, or the last
+    # session change), and the last chunk's session and arrival.
+    _since: float | None = attrs.field(default=None, init=False)
+    _session: int | None = attrs.field(default=None, init=False)
+    _last_at: float = attrs.field(default=0.0, init=False)
+    # Seconds between the last two chunks: what the last one's data lasts.
+    _period: float = attrs.field(default=0.0, init=False)
     _psi: bytes = attrs.field(default=b"", init=False)
     _keyframes: bool = attrs.field(default=False, init=False)
     # The time stamp of the last keyframe seen, to notice a jump.
@@ -103,20 +110,18 @@ class SegmentCutter:
             self.discontinuity = last.discontinuity
             self._session_changed = True
 
-    def new_session(self) -> None:
-        """
-        The engine session changed: the segment under way ends at the next
-        point, and the one after is marked as a discontinuity.
-        """
-        if self._start is not None or self.sequence:
-            self._session_changed = True
-
     def __call__(self, chunk: Chunk) -> None:
         at = chunk.added_at
-        if self._first_at is None:
-            self._first_at = at
+        if self._since is None:
+            self._since = at
+        elif chunk.session != self._session:
+            self._session_ended(chunk)
+        else:
+            self._period = max(0.0, at - self._last_at)
+        self._session, self._last_at = chunk.session, at
         if chunk.psi:
             self._psi = chunk.psi
+        start = self._start
         if chunk.random_access:
             self._keyframes = True
             data = chunk.data
@@ -125,10 +130,27 @@ class SegmentCutter:
                 jumped = self._jumped(pts)
                 self._point(_Point(chunk.index, offset, pts, at, self._psi), jumped=jumped)
         elif self._keyframes:
-            if self._start is not None and at - self._start.at >= self.longest:
+            if at - (start.at if start is not None else self._since) >= self.longest:
                 self._point(_Point(chunk.index, 0, None, at, self._psi), force=True)
-        elif self._start is not None or at - self._first_at >= 2 * self.target:
+        elif start is not None or at - self._since >= 2 * self.target:
             self._point(_Point(chunk.index, 0, None, at, self._psi))
+
+    def _session_ended(self, chunk: Chunk) -> None:
+        """
+        C{chunk} is the first of a new engine session: the segment under way
+        ends before it, and the next one, marked as a discontinuity, starts
+        at the new session's first keyframe (what comes before it cannot be
+        decoded).
+        """
+        start = self._start
+        if start is not None:
+            ended_at = self._last_at + self._period
+            end = _Point(chunk.index, 0, None, ended_at, self._psi)
+            self._publish(start, end, max(0.0, ended_at - start.at))
+        self._start = None
+        self._since = chunk.added_at
+        self._last_pts = None
+        self._session_changed = True
 
     def _jumped(self, pts: int | None) -> bool:
         """
@@ -148,22 +170,25 @@ class SegmentCutter:
             duration = self._duration(start, point, changed)
             if duration < self.target and not (force or changed):
                 return
-            self.publish(
-                Segment(
-                    self.sequence,
-                    (start.index, start.offset),
-                    (point.index, point.offset),
-                    duration,
-                    start.discontinuity,
-                    start.discontinuous,
-                    start.psi,
-                )
-            )
-            self.sequence += 1
+            self._publish(start, point, duration)
         if changed:
             self._session_changed = False
             self.discontinuity += 1
         self._start = attrs.evolve(point, discontinuity=self.discontinuity, discontinuous=changed)
+
+    def _publish(self, start: _Point, end: _Point, duration: float) -> None:
+        self.publish(
+            Segment(
+                self.sequence,
+                (start.index, start.offset),
+                (end.index, end.offset),
+                duration,
+                start.discontinuity,
+                start.discontinuous,
+                start.psi,
+            )
+        )
+        self.sequence += 1
 
     def _duration(self, start: _Point, end: _Point, changed: bool) -> float:
         """

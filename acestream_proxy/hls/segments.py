@@ -96,11 +96,6 @@ class StreamSegments:
         self.cutter = None
         self._own.clear()
 
-    def new_session(self) -> None:
-        """The owner's engine session changed: mark a discontinuity."""
-        if self.cutter is not None:
-            self.cutter.new_session()
-
     def _cut(self, segment: Segment) -> None:
         self.fanout.metrics.hls_segments.inc()
         self._own.append(segment)

@@ -140,6 +140,7 @@ class EngineFeed(MultiService):
         return True
 
     def _read(self, response) -> None:
+        self.writer.new_session()
         # Before the body is delivered: its first bytes may come at once.
         self._first = self.fanout.next_chunk()
         self._reader = EngineReader(
@@ -190,6 +191,7 @@ class EngineFeed(MultiService):
             self._reader.stopProducing()
             self._reader = None
         self.writer.unregisterProducer()
+        self.writer.end_session()
 
     # Health and reconnection
 

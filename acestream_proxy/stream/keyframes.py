@@ -324,13 +324,14 @@ class KeyframeScanner:
             return False if self._bare_data else None
         return self.video_pid is not None
 
-    def psi_for(self, access: tuple[int, ...]) -> bytes:
+    @property
+    def psi(self) -> bytes:
         """
-        What a player starting at one of C{access} needs in front: every
-        packet of the latest PAT and PMT, or nothing when there is no such
-        point.
+        What a player or an HLS segment starting at a random-access point
+        needs in front: every packet of the latest PAT and PMT, or nothing
+        before they are known.
         """
-        if not access or self.pmt is None:
+        if self.pmt is None:
             return b""
         if self._psi is None:
             self._psi = self.pat + self.pmt

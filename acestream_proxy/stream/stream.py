@@ -237,8 +237,6 @@ class Stream(MultiService):
             self.counted.set_state(value)
         elif name == "playback":
             self.counted.set_engine(_session_engine(source, value))
-            if value is not None:
-                self.hls.new_session()
 
     async def _start_owner(self, takeover: dict | None) -> None:
         try:

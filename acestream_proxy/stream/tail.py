@@ -136,9 +136,8 @@ class BufferTail(MultiService):
             for index, data in found:
                 self.next_index = index + 1
                 access = self._scanner.feed(data)
-                psi = self._scanner.psi_for(access)
                 self.fanout.deliver(
-                    Chunk.make(index, data, now, access, psi, self._scanner.has_video)
+                    Chunk.make(index, data, now, access, self._scanner.psi, self._scanner.has_video)
                 )
 
     def stopService(self) -> Deferred:

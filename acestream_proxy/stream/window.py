@@ -39,13 +39,17 @@ class Chunk:
     @ivar random_access: the offsets, within the packets, of the video's
         random-access points, where a joining player can start decoding
         (see L{acestream_proxy.stream.keyframes}); empty when unknown.
-    @ivar psi: the stream's PAT and PMT packets current at those points,
-        which such a player needs in front of its first packet.
+    @ivar psi: the stream's PAT and PMT packets current when the chunk was
+        made (empty before they are known), which a player starting at one
+        of its points, or an HLS segment starting in it, needs in front.
     @ivar video: whether the stream has video whose random-access points
         are found, as known when the chunk was made: C{None} before its PMT
         was seen.  A new player with no point to start at waits for one
         unless this is C{False} (radio, the synthetic test stream, a chunk
         nobody scanned).
+    @ivar session: which of the owner's engine sessions the chunk came
+        from, counted by its writer: a chunk never holds two sessions'
+        bytes, and HLS marks the change as a discontinuity.
     """
 
     index: int
@@ -55,6 +59,7 @@ class Chunk:
     random_access: tuple[int, ...] = ()
     psi: bytes = b""
     video: bool | None = False
+    session: int = 0
     size: int = attrs.field(init=False)
 
     @size.default
@@ -70,9 +75,10 @@ class Chunk:
         random_access: tuple[int, ...] = (),
         psi: bytes = b"",
         video: bool | None = False,
+        session: int = 0,
     ) -> "Chunk":
         framed, start = frame(data)
-        return cls(index, framed, start, added_at, random_access, psi, video)
+        return cls(index, framed, start, added_at, random_access, psi, video, session)
 
     @property
     def data(self) -> memoryview:

@@ -38,6 +38,9 @@ MAX_PENDING = 8
 @attrs.define(eq=False)
 class StoreWriter:
     """
+    @ivar session: counts the engine sessions the data came from; each
+        chunk carries it, so that what follows the stream (HLS) sees where
+        one session's bytes end and the next one's begin.
     @ivar may_append: whether the owner lease is surely ours now; while it
         is not (this process stood still past its lease, say), chunks wait
         for L{flush}, called when the lease is renewed, since an append then
@@ -55,6 +58,8 @@ class StoreWriter:
     chunk_delay: float = 0.1
     producer: object = None
     stopped: bool = False
+    #: The engine session the data comes from, counted from 1.
+    session: int = 0
     _held: list = attrs.field(factory=list, init=False)
     _held_bytes: int = attrs.field(default=0, init=False)
     _held_access: list = attrs.field(factory=list, init=False)
@@ -93,6 +98,19 @@ class StoreWriter:
         elif self._seal_call is None:
             self._seal_call = self.clock.callLater(self.chunk_delay, self._seal)
 
+    def end_session(self) -> None:
+        """
+        The engine session's body ended: what was gathered of it is sealed
+        now, so that no chunk holds two sessions' bytes.
+        """
+        if self._held and not self.stopped:
+            self._seal()
+
+    def new_session(self) -> None:
+        """The data that follows comes from a new engine session."""
+        self.end_session()
+        self.session += 1
+
     def _seal(self) -> None:
         """
         Close the chunk being gathered: framed once, here, in one copy; the
@@ -106,9 +124,16 @@ class StoreWriter:
         access = tuple(self._held_access)
         self._held_access.clear()
         scanner = self._scanner
-        psi = scanner.psi_for(access)
         self._pending.append(
-            (framed, len(head), self.clock.seconds(), access, psi, scanner.has_video)
+            (
+                framed,
+                len(head),
+                self.clock.seconds(),
+                access,
+                scanner.psi,
+                scanner.has_video,
+                self.session,
+            )
         )
         if len(self._pending) > MAX_PENDING and self.producer is not None:
             self.producer.pauseProducing()
