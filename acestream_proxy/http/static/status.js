@@ -1,9 +1,14 @@
-// The status page: polls /status every few seconds and renders its tables.
-// Everything from the API is written as text (textContent), never as HTML.
+// The status page: polls /status every few seconds and renders its tables,
+// and plays a stream in a <video> element.  Everything from the API is
+// written as text (textContent), never as HTML.
 "use strict";
 
 const REFRESH_MS = 3000;
 const TOKEN_KEY = "aceproxy.adminToken";
+// A browser that plays HLS itself (Safari, Chromium on most platforms)
+// says so for this type; others get the links for VLC or mpv instead.
+const HLS_TYPE = "application/vnd.apple.mpegurl";
+const CONTENT_ID = /^[0-9a-fA-F]{40}$/;
 // Bitrates are byte counts' change between two polls; closer polls than
 // this (a hidden tab catching up) would show noise, so the last rate stays.
 const MIN_RATE_INTERVAL = 1.0;
@@ -110,6 +115,11 @@ function renderStreams(streams, now) {
     cell(row, bitrate(rate.out), "bitrate_out", "number");
     cell(row, stream.reconnects, "reconnects", "number");
     cell(row, duration(stream.uptime), "uptime", "number");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = "Play";
+    button.addEventListener("click", () => play(stream.key));
+    cell(row, "", "play").replaceChildren(button);
   }
   for (const key of samples.keys()) if (!seen.has(key)) samples.delete(key);
 }
@@ -178,6 +188,99 @@ function setUpTokenForm() {
   });
 }
 
+// The stream's two addresses on this proxy: the HLS playlist, which the
+// <video> element plays, and the MPEG-TS stream, for VLC or mpv.  Neither
+// needs the admin token: they are what any player asks for.
+function streamUrls(key) {
+  const id = encodeURIComponent(key.toLowerCase());
+  return { playlist: "/ace/manifest.m3u8?id=" + id, stream: "/ace/getstream?id=" + id };
+}
+
+function showPlayerState(state, text) {
+  const line = document.getElementById("player-state");
+  line.dataset.state = state;
+  line.textContent = text;
+}
+
+// Play the stream of content id `key`: in the <video> element when this
+// browser plays HLS, otherwise only offer the links.
+function play(key) {
+  const video = document.getElementById("video");
+  if (!CONTENT_ID.test(key)) {
+    showPlayerState("invalid", "A content id is 40 hexadecimal digits.");
+    return;
+  }
+  const urls = streamUrls(key);
+  for (const [id, path] of [["link-playlist", urls.playlist], ["link-stream", urls.stream]]) {
+    const link = document.getElementById(id);
+    link.href = path;
+    link.title = new URL(path, location.href).href;
+  }
+  document.getElementById("play-id").value = key.toLowerCase();
+  document.getElementById("player").hidden = false;
+  if (!video.canPlayType(HLS_TYPE)) {
+    unload(video);
+    video.hidden = true;
+    showPlayerState("unsupported",
+      "This browser does not play HLS: open the playlist or the stream in VLC or mpv.");
+    return;
+  }
+  video.hidden = false;
+  showPlayerState("loading", "Loading " + key.toLowerCase() + "…");
+  video.src = urls.playlist;
+  // Refused autoplay leaves the controls to start it; the state says so.
+  // A stream that fails is told by the element's error event instead.
+  video.play().catch((error) => {
+    if (error.name === "NotAllowedError" && video.getAttribute("src")) {
+      showPlayerState("paused", "Press play to start.");
+    }
+  });
+}
+
+// Stop playing: the element lets go of the stream, so this browser is no
+// longer one of its players.
+function unload(video) {
+  video.pause();
+  video.removeAttribute("src");
+  video.load();
+}
+
+function stop() {
+  unload(document.getElementById("video"));
+  document.getElementById("player").hidden = true;
+  showPlayerState("stopped", "");
+}
+
+// What the element is doing, in words: its picture size once known, and
+// how far it has played.
+function describeVideo(video, event) {
+  if (!video.getAttribute("src")) return;
+  if (event.type === "error") {
+    const error = video.error;
+    showPlayerState("error", "Cannot play this stream" +
+      (error ? " (" + (error.message || "media error " + error.code) + ")." : "."));
+  } else if (event.type === "waiting") {
+    showPlayerState("waiting", "Waiting for the stream…");
+  } else if (video.readyState >= HTMLMediaElement.HAVE_CURRENT_DATA) {
+    showPlayerState(video.paused ? "paused" : "playing",
+      (video.paused ? "Paused: " : "Playing: ") + video.videoWidth + "×" + video.videoHeight +
+      ", " + video.currentTime.toFixed(1) + " s.");
+  }
+}
+
+function setUpPlayer() {
+  const video = document.getElementById("video");
+  for (const type of ["loadeddata", "playing", "pause", "timeupdate", "waiting", "error"]) {
+    video.addEventListener(type, (event) => describeVideo(video, event));
+  }
+  document.getElementById("play-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    play(document.getElementById("play-id").value.trim());
+  });
+  document.getElementById("play-stop").addEventListener("click", stop);
+}
+
 takeTokenFromFragment();
 setUpTokenForm();
+setUpPlayer();
 refresh();
