@@ -43,6 +43,12 @@ _MAY_BE_ZERO = frozenset(
 #: the newest chunk.
 MIN_BUFFER_BYTES = 188 * 8
 
+#: Bounds of the HLS settings: players start three segments from the live
+#: edge, so fewer than three listed leaves them nothing to buffer, and long
+#: segments or lists only add latency and memory.
+MIN_HLS_TARGET, MAX_HLS_TARGET = 1, 10
+MIN_HLS_LIST, MAX_HLS_LIST = 3, 20
+
 
 @attrs.frozen
 class EngineConfig:
@@ -132,6 +138,12 @@ class Tuning:
     # hold the daemon's descriptors or make the engines open many swarms.
     max_connections_per_address: int = 32
     max_new_streams_per_address: int = 10
+    # HLS (/ace/manifest.m3u8): segments are cut at the video's keyframes
+    # once at least hls_target_duration long (a stream whose keyframes lie
+    # further apart gets longer ones), and the playlist lists the newest
+    # hls_list_size of them.
+    hls_target_duration: float = 2
+    hls_list_size: int = 4
 
 
 @attrs.frozen
@@ -450,6 +462,16 @@ def _tuning(value: Any) -> Tuning:
         raise ConfigError(
             f"tuning.max_buffer_bytes: must be at least tuning.buffer_bytes"
             f" ({tuning.buffer_bytes}), got {tuning.max_buffer_bytes}"
+        )
+    if not MIN_HLS_TARGET <= tuning.hls_target_duration <= MAX_HLS_TARGET:
+        raise ConfigError(
+            f"tuning.hls_target_duration: must be from {MIN_HLS_TARGET:g} to"
+            f" {MAX_HLS_TARGET:g} seconds, got {tuning.hls_target_duration:g}"
+        )
+    if not MIN_HLS_LIST <= tuning.hls_list_size <= MAX_HLS_LIST:
+        raise ConfigError(
+            f"tuning.hls_list_size: must be from {MIN_HLS_LIST} to {MAX_HLS_LIST},"
+            f" got {tuning.hls_list_size}"
         )
     if tuning.ghost_client_timeout <= tuning.heartbeat_interval:
         raise ConfigError(

@@ -127,6 +127,8 @@ def test_defaults():
         "header_timeout": 10,
         "max_connections_per_address": 32,
         "max_new_streams_per_address": 10,
+        "hls_target_duration": 2,
+        "hls_list_size": 4,
     }
 
 

@@ -97,7 +97,7 @@ def _share_state(first: MemoryStore, other: MemoryStore) -> None:
     Make C{other} a second worker on C{first}'s state: what two workers
     sharing one Redis see, in one process.
     """
-    for name in ("_owners", "_listeners", "_streams", "_clients", "_last_disconnect"):
+    for name in ("_owners", "_listeners", "_streams", "_clients", "_last_disconnect", "segments"):
         setattr(other, name, getattr(first, name))
     other.buffer._streams = first.buffer._streams
 
@@ -458,6 +458,7 @@ async def fill(store, key: str) -> None:
     await store.set_last_disconnect(key, 3.25)
     for n in range(3):
         await append(store, key, bytes([0x47]) * 188)
+    await store.segments.add(key, f"segment of {key}", 4)
 
 
 @pytest_twisted.ensureDeferred
@@ -473,6 +474,8 @@ async def test_delete_stream_forgets_everything(store, redis_server_or_none):
     assert await store.buffer.latest(KEY) == 0
     assert await chunks(store, KEY) == []
     assert await store.get_owner(KEY) is None
+    assert await store.segments.list(KEY) == []
+    assert await store.segments.list(OTHER_KEY) == [f"segment of {OTHER_KEY}"]
     assert [s["key"] for s in await store.list_streams()] == [OTHER_KEY]
     assert len(await store.list_players(OTHER_KEY)) == 2
     assert await store.buffer.latest(OTHER_KEY) == 3
@@ -492,6 +495,35 @@ async def test_delete_stream_leaves_another_workers_lease(stores, store):
     await store.delete_stream(KEY)
     assert await store.get_stream(KEY) is None
     assert await store.get_owner(KEY) == PEER
+
+
+# HLS segments
+
+
+@pytest_twisted.ensureDeferred
+async def test_segments_keep_the_newest_for_every_worker(stores, store):
+    peer = await stores.make(PEER)
+    assert await store.segments.list(KEY) == []
+    for n in range(6):
+        await store.segments.add(KEY, f"segment {n}", 4)
+    # Oldest first, the newest four, the same for another worker.
+    newest = [f"segment {n}" for n in range(2, 6)]
+    assert await store.segments.list(KEY) == newest
+    assert await peer.segments.list(KEY) == newest
+    assert await store.segments.list(OTHER_KEY) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_segments_expire_with_the_chunks(stores, redis_server_or_none):
+    if redis_server_or_none is None:
+        pytest.skip("the embedded store forgets segments with the stream")
+    store = await stores.make(chunk_ttl=30.0)
+    await store.segments.add(KEY, "segment 0", 4)
+    client = redis_server_or_none.client()
+    try:
+        assert 0 < client("PTTL", keys.hls_segments(KEY)) <= 30_000
+    finally:
+        client.close()
 
 
 # Clients

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from ..errors import BadRequest, Forbidden, ProxyError, Unauthorized, Unavailable
+from ..errors import BadRequest, Forbidden, NotFound, ProxyError, Unauthorized, Unavailable
 from ..metrics import DROPPED_LIMIT
 from ..stream.registry import StreamRegistry
 from . import views
@@ -25,6 +25,7 @@ from .site import ProxySite
 from .status import asset, status_view
 
 _HASH = re.compile(r"[0-9a-fA-F]{40}")
+_SEGMENT = re.compile(r"([0-9]{1,15})\.ts")
 _KEY_PARAMS = ("id", "infohash")
 
 #: The methods of RFC 9110 (and PATCH), spelt as they must be: method names
@@ -101,6 +102,44 @@ class ProxyWeb:
         done = await self.streams.attach(key, param, request)
         await done
         return None
+
+    @app.route("/ace/manifest.m3u8", methods=["GET", "HEAD"])
+    async def manifest(self, request):
+        """
+        The stream as HLS: a live playlist of segments cut from the same
+        window, and the same engine session, as C{/ace/getstream}'s.
+        """
+        key, param = stream_key(request.args)
+        if request.method == b"HEAD":
+            request.setHeader(b"Content-Type", b"application/vnd.apple.mpegurl")
+            return b""
+        self._check_new_stream(key, request)
+        stream, viewer = await self.streams.watch(key, param, request)
+        body = await stream.hls.playlist()
+        return self._hls_answer(request, viewer, body, b"application/vnd.apple.mpegurl")
+
+    @app.route("/hls/<key>/<name>", methods=["GET", "HEAD"])
+    async def hls_segment(self, request, key, name):
+        key = checked_key(key)
+        match = _SEGMENT.fullmatch(name)
+        if match is None:
+            raise NotFound(f"no segment {name[:32]!r}: segments are named <number>.ts")
+        stream, viewer = await self.streams.watch(key, None, request)
+        body = await stream.hls.segment(int(match.group(1)))
+        self.streams.metrics.sent_bytes.inc(len(body))
+        return self._hls_answer(request, viewer, body, b"video/mp2t")
+
+    @staticmethod
+    def _hls_answer(request, viewer, body: bytes, content_type: bytes) -> bytes:
+        """
+        An HLS answer, which counts as the viewer's sign of life.  The
+        playlist changes with every segment, so it is never cached.
+        """
+        viewer.sent(len(body))
+        request.setHeader(b"Content-Type", content_type)
+        request.setHeader(b"Cache-Control", b"no-cache, no-store")
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        return b"" if request.method == b"HEAD" else body
 
     @app.route("/playlist.m3u", methods=["GET", "HEAD"])
     def playlist_m3u(self, request):

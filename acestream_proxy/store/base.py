@@ -31,6 +31,7 @@ class Store(Protocol):
     """
 
     buffer: RingBuffer
+    segments: SegmentIndex
     #: This worker's id, as the store records it (owner leases, players).
     worker_id: str
     #: C{"memory"} or C{"redis"}, for health reports.
@@ -228,6 +229,23 @@ class RingBuffer(Protocol):
     def delete(self, key: str) -> Deferred[None]:
         """
         Forget every chunk and the index of a stream.
+        """
+
+
+class SegmentIndex(Protocol):
+    """
+    The descriptions of a stream's newest HLS segments, as its owner cut
+    them (see L{acestream_proxy.hls.segment}): kept for any worker to read.
+    """
+
+    def add(self, key: str, record: str, kept: int) -> Deferred[None]:
+        """
+        Add the newest segment's C{record}, keeping the newest C{kept}.
+        """
+
+    def list(self, key: str) -> Deferred[list[str]]:
+        """
+        Fire with the stream's records, oldest first.
         """
 
 

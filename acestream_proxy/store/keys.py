@@ -6,6 +6,7 @@ schema, under the C{ace_proxy:} prefix):
     ace_proxy:stream:{KEY}:owner                     worker id, held as a lease
     ace_proxy:stream:{KEY}:buffer:index              newest chunk's index
     ace_proxy:stream:{KEY}:buffer:chunk:{N}          chunk N (expires)
+    ace_proxy:stream:{KEY}:hls:segments              list: newest HLS segments (expires)
     ace_proxy:stream:{KEY}:clients                   set of client ids
     ace_proxy:stream:{KEY}:clients:{CLIENT_ID}       hash: one client (expires)
     ace_proxy:stream:{KEY}:last_client_disconnect_time
@@ -50,6 +51,10 @@ def buffer_chunk_prefix(key: str) -> str:
 
 def buffer_chunk(key: str, index: int) -> str:
     return f"{buffer_chunk_prefix(key)}{index}"
+
+
+def hls_segments(key: str) -> str:
+    return f"{stream(key)}:hls:segments"
 
 
 def clients(key: str) -> str:

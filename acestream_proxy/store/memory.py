@@ -112,6 +112,29 @@ class MemoryRingBuffer:
 
 
 @attrs.define
+class MemorySegmentIndex:
+    """
+    The L{SegmentIndex} of the embedded store: the newest records of each
+    stream, deleted with the stream.
+    """
+
+    _records: dict[str, deque] = attrs.field(factory=dict)
+
+    def add(self, key: str, record: str, kept: int) -> Deferred[None]:
+        records = self._records.get(key)
+        if records is None or records.maxlen != kept:
+            records = self._records[key] = deque(records or (), maxlen=kept)
+        records.append(record)
+        return succeed(None)
+
+    def list(self, key: str) -> Deferred[list[str]]:
+        return succeed(list(self._records.get(key, ())))
+
+    def delete(self, key: str) -> None:
+        self._records.pop(key, None)
+
+
+@attrs.define
 class MemoryStore:
     """
     L{Store} in this process's memory.  Every call fires at once, so a
@@ -128,6 +151,7 @@ class MemoryStore:
     buffer_bytes: float = math.inf
     buffer_seconds: float = math.inf
     buffer: MemoryRingBuffer = attrs.field(init=False)
+    segments: "MemorySegmentIndex" = attrs.field(init=False)
     _owners: dict[str, str] = attrs.field(factory=dict, init=False)
     _listeners: Listeners = attrs.field(factory=Listeners, init=False)
     _streams: dict[str, dict] = attrs.field(factory=dict, init=False)
@@ -135,6 +159,7 @@ class MemoryStore:
     _last_disconnect: dict[str, float] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
+        self.segments = MemorySegmentIndex()
         self.buffer = MemoryRingBuffer(
             self.clock,
             self.buffer_chunks,
@@ -178,6 +203,7 @@ class MemoryStore:
         self._streams.pop(key, None)
         self._clients.pop(key, None)
         self._last_disconnect.pop(key, None)
+        self.segments.delete(key)
         return self.buffer.delete(key)
 
     def add_player(self, key: str, client_id: str, fields: Fields) -> Deferred[None]:

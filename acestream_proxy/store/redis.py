@@ -39,6 +39,7 @@ from .redis_buffer import RedisRingBuffer
 from .redis_ended import EndedStreams
 from .redis_leases import LeaseCommands
 from .redis_players import PlayerCommands
+from .redis_segments import RedisSegmentIndex
 from .replies import flatten, pairs, text
 
 
@@ -71,6 +72,7 @@ class RedisStore(LeaseCommands, PlayerCommands, EndedStreams, Service):
     op_timeout: float = 5.0
     metrics: Metrics = attrs.field(factory=Metrics)
     buffer: RedisRingBuffer = attrs.field(init=False)
+    segments: RedisSegmentIndex = attrs.field(init=False)
     address: RedisAddress = attrs.field(init=False)
     _pool: PoolFactory | None = attrs.field(default=None, init=False)
     _data: PoolFactory | None = attrs.field(default=None, init=False)
@@ -83,6 +85,7 @@ class RedisStore(LeaseCommands, PlayerCommands, EndedStreams, Service):
 
     def __attrs_post_init__(self) -> None:
         self.buffer = RedisRingBuffer(self)
+        self.segments = RedisSegmentIndex(self)
         self.address = RedisAddress.parse(self.url)
 
     @property
@@ -287,6 +290,7 @@ class RedisStore(LeaseCommands, PlayerCommands, EndedStreams, Service):
                 keys.metadata(key),
                 keys.clients(key),
                 keys.last_client_disconnect_time(key),
+                keys.hls_segments(key),
             ],
             [
                 keys.buffer_chunk_prefix(key),

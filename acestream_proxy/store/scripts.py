@@ -59,18 +59,28 @@ redis.call('DEL', KEYS[1])
 
 DELETE_BUFFER = DELETE_CHUNKS + "return 1\n"
 
-# KEYS: buffer index, owner, metadata, clients, last disconnect time.
+# KEYS: buffer index, owner, metadata, clients, last disconnect time, HLS
+# segments.
 DELETE_STREAM = (
     DELETE_CHUNKS
     + """
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[4])) do
   redis.call('DEL', ARGV[3] .. id)
 end
-redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
+redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 if redis.call('GET', KEYS[2]) == ARGV[4] then redis.call('DEL', KEYS[2]) end
 return 1
 """
 )
+
+# An HLS segment's record: the list keeps the newest ARGV[2] and lives as
+# long as the chunks it describes.
+ADD_SEGMENT = """
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
 
 # Adding a client replaces its hash whole, as the embedded store does.
 ADD_CLIENT = """

@@ -128,6 +128,29 @@ class PacketAligner:
         return candidate
 
 
+def pes_pts(packet) -> int | None:
+    """
+    The presentation time stamp (90 kHz, 33 bits) of the PES packet that
+    starts in this TS packet, or L{None} when none starts there or it has
+    no PTS.
+    """
+    if len(packet) < PACKET_SIZE or not packet[1] & 0x40 or not packet[3] & 0x10:
+        return None
+    start = 4
+    if packet[3] & 0x20:
+        start += 1 + packet[4]
+    pes = bytes(packet[start : start + 14])
+    if len(pes) < 14 or not pes.startswith(b"\x00\x00\x01") or not pes[7] & 0x80:
+        return None
+    return (
+        ((pes[9] >> 1) & 0x07) << 30
+        | pes[10] << 22
+        | (pes[11] >> 1) << 15
+        | pes[12] << 7
+        | pes[13] >> 1
+    )
+
+
 def _crc_table() -> tuple[int, ...]:
     """The 256-entry lookup table for L{mpeg2_crc32}."""
     table = []

@@ -1,7 +1,8 @@
 """
 A stream's players in this worker: each a L{PlayerProducer} on the stream's
-fan-out, registered in the store (so that every worker counts it and the
-heartbeats keep it) and announced on the stream's event channel.
+fan-out, or an L{HlsViewer} fetching its segments, registered in the store
+(so that every worker counts it and the heartbeats keep it) and announced on
+the stream's event channel.
 """
 
 from typing import Callable
@@ -12,6 +13,7 @@ from twisted.logger import Logger
 from ..background import Tasks
 from ..config import Tuning
 from ..constants import Event, PlayerField
+from ..hls.viewer import HlsViewer
 from ..store.base import Store
 from .fanout import FanOut
 from .player import PlayerInfo, PlayerProducer
@@ -35,6 +37,8 @@ class Players:
     tasks: Tasks
     left: Callable[[str, int], None]
     producers: set = attrs.field(factory=set, init=False)
+    #: The HLS viewers among the players, by id.
+    viewers: dict = attrs.field(factory=dict, init=False)
 
     def __len__(self) -> int:
         return len(self.producers)
@@ -54,9 +58,24 @@ class Players:
             clock=self.clock,
             write_timeout=self.tuning.write_timeout,
         )
-        self.producers.add(producer)
+        self._register(producer)
+        producer.start()
+        return producer
+
+    def add_viewer(self, info: PlayerInfo) -> HlsViewer:
+        """
+        Count an HLS viewer as a player, until it stops fetching.
+        """
+        viewer = HlsViewer(info, self._gone)
+        self.viewers[info.id] = viewer
+        self._register(viewer)
+        return viewer
+
+    def _register(self, player: PlayerProducer | HlsViewer) -> None:
+        info = player.info
+        self.producers.add(player)
         self.fanout.metrics.players.inc()
-        self.tasks.run(self.store.add_player(self.key, info.id, self.fields(producer)))
+        self.tasks.run(self.store.add_player(self.key, info.id, self.fields(player)))
         self.publish(Event.PLAYER_CONNECTED, client_id=info.id)
         self.log.info(
             "player {player} ({address}) joined stream {key}",
@@ -64,8 +83,6 @@ class Players:
             address=info.address,
             key=self.key,
         )
-        producer.start()
-        return producer
 
     def fields(self, producer: PlayerProducer) -> dict:
         """
@@ -134,8 +151,9 @@ class Players:
         """
         self.tasks.run(self.store.publish(self.key, event.value, **fields))
 
-    def _gone(self, producer: PlayerProducer) -> None:
+    def _gone(self, producer: PlayerProducer | HlsViewer) -> None:
         self.producers.discard(producer)
+        self.viewers.pop(producer.info.id, None)
         self.fanout.metrics.players.dec()
         self.log.info(
             "player {player} left stream {key} after {bytes} bytes",

@@ -19,6 +19,7 @@ from ..constants import ACTIVE_STATES, Event, Meta, PlayerField, Role
 from ..engine.api import EngineAPI
 from ..engine.registry import Engine, EngineRegistry
 from ..errors import NoEngine, NotFound, Unavailable
+from ..hls.viewer import HlsViewer, viewer_id
 from ..metrics import DROPPED_LIMIT, Metrics
 from ..store.base import RETRY_AFTER, Store
 from .heartbeat import PlayerHeartbeats
@@ -99,6 +100,41 @@ class StreamRegistry(MultiService):
         fires when the player's response should end.
         """
         asked_at = self.clock.seconds()
+        stream = await self._joinable(key, param)
+        producer = stream.add_player(self._player_info(uuid.uuid4().hex, key, request), request)
+        self._time_join(producer, stream, asked_at)
+        return producer.done
+
+    async def watch(self, key: str, param: str | None, request) -> tuple[Stream, HlsViewer]:
+        """
+        The stream C{key} and the HLS viewer of C{request} on it, counted as
+        a player from its first request on.  With no C{param}, the request
+        is for a segment: it joins a stream that plays (in this worker or
+        another), but starts none.
+        """
+        address, user_agent = self._client(request)
+        player_id = viewer_id(key, address, user_agent)
+        stream = self.streams.get(key)
+        if stream is not None and stream.live:
+            viewer = stream.players.viewers.get(player_id)
+            if viewer is not None:
+                return stream, viewer
+        if param is None and stream is None:
+            meta = await self.store.get_stream(key) if self.store.available else None
+            if meta is None:
+                raise NotFound(f"no stream {key}")
+            param = meta.get(Meta.PARAM) or "id"
+        stream = await self._joinable(key, param)
+        viewer = stream.players.viewers.get(player_id)
+        if viewer is None:
+            viewer = stream.add_viewer(self._player_info(player_id, key, request))
+        return stream, viewer
+
+    async def _joinable(self, key: str, param: str) -> Stream:
+        """
+        Stream C{key}, started if this worker has none, once it has data
+        for players and room for one more.
+        """
         if not self.accepting:
             raise Unavailable("the proxy is shutting down", retry_after=SHUTDOWN_RETRY_AFTER)
         # The player could not be registered, nor a stream started: refuse it
@@ -116,9 +152,9 @@ class StreamRegistry(MultiService):
             stream = await self._create(key, param)
         await stream.wait_ready()
         registered = await self.store.count_players(key)
-        # Nothing may wait between here and add_player: the stream could
-        # stop in between, and the players that waited for the stream to
-        # start with this one could take the last places.
+        # Nothing may wait between here and adding the player: the stream
+        # could stop in between, and the players that waited for the stream
+        # to start with this one could take the last places.
         if self.streams.get(key) is not stream:
             raise Unavailable(f"stream {key} stopped", retry_after=LIMIT_RETRY_AFTER)
         self._check_max_clients()
@@ -126,17 +162,26 @@ class StreamRegistry(MultiService):
         # of them may lag (their registration is not awaited).
         if max(registered, len(stream.players)) >= self.tuning.max_clients_per_stream:
             raise self._refused("too many players on this stream")
+        return stream
+
+    @staticmethod
+    def _client(request) -> tuple[str, str]:
+        """The address and user agent of C{request}'s client."""
         address = request.getClientAddress()
-        client = PlayerInfo(
-            id=uuid.uuid4().hex,
+        return (
+            getattr(address, "host", str(address)),
+            (request.getHeader(b"user-agent") or b"").decode("latin-1")[:256],
+        )
+
+    def _player_info(self, player_id: str, key: str, request) -> PlayerInfo:
+        address, user_agent = self._client(request)
+        return PlayerInfo(
+            id=player_id,
             key=key,
-            address=getattr(address, "host", str(address)),
-            user_agent=(request.getHeader(b"user-agent") or b"").decode("latin-1")[:256],
+            address=address,
+            user_agent=user_agent,
             connected_at=self.clock.seconds(),
         )
-        producer = stream.add_player(client, request)
-        self._time_join(producer, stream, asked_at)
-        return producer.done
 
     def _time_join(self, producer, stream: Stream, asked_at: float) -> None:
         """
@@ -317,6 +362,7 @@ class StreamRegistry(MultiService):
             player.request.transport
             for stream in self.streams.values()
             for player in stream.players
+            if not isinstance(player, HlsViewer)
         ]
         streams = list(self.streams.values())
         d = DeferredList(

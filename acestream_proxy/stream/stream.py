@@ -36,6 +36,8 @@ from ..constants import Event, Role, StreamState
 from ..engine.api import EngineAPI
 from ..engine.registry import Engine
 from ..errors import EngineError, ProxyError, Unavailable
+from ..hls.segments import StreamSegments
+from ..hls.viewer import HlsViewer
 from ..metrics import Metrics, StreamCount
 from ..store.base import Store
 from .fanout import FanOut
@@ -87,6 +89,7 @@ class Stream(MultiService):
     lease: OwnerLease = attrs.field(init=False)
     players: Players = attrs.field(init=False)
     idle: IdleCheck = attrs.field(init=False)
+    hls: StreamSegments = attrs.field(init=False)
     ownership: Ownership = attrs.field(init=False)
     ready: Readiness = attrs.field(factory=Readiness, init=False)
     #: Whether the source is being opened (a start or a takeover under way).
@@ -121,6 +124,16 @@ class Stream(MultiService):
             self._player_left,
         )
         self.idle = IdleCheck(self)
+        self.hls = StreamSegments(
+            self.key,
+            self.store,
+            self.clock,
+            self.fanout,
+            self.tasks,
+            self.tuning.hls_target_duration,
+            self.tuning.hls_list_size,
+            lambda: bool(self.players.viewers),
+        )
         self.ownership = Ownership(self)
         # Often enough for a follower to notice a dead owner's worker soon
         # after its liveness lapsed; an owner renews every third of a lease.
@@ -203,6 +216,11 @@ class Stream(MultiService):
             self.tasks.run(self.source.disownServiceParent())
         self.source = source
         source.setServiceParent(self)
+        # The owner cuts the HLS segments every worker serves.
+        if isinstance(source, EngineFeed):
+            self.tasks.run(self.hls.start_cutting())
+        else:
+            self.hls.stop_cutting()
         if not self.stopping:
             self.counted.set_state(source.state)
             self.counted.set_engine(_session_engine(source, getattr(source, "playback", None)))
@@ -219,6 +237,8 @@ class Stream(MultiService):
             self.counted.set_state(value)
         elif name == "playback":
             self.counted.set_engine(_session_engine(source, value))
+            if value is not None:
+                self.hls.new_session()
 
     async def _start_owner(self, takeover: dict | None) -> None:
         try:
@@ -284,6 +304,10 @@ class Stream(MultiService):
     def add_player(self, info: PlayerInfo, request) -> PlayerProducer:
         self.idle.player_joined()
         return self.players.add(info, request)
+
+    def add_viewer(self, info: PlayerInfo) -> HlsViewer:
+        self.idle.player_joined()
+        return self.players.add_viewer(info)
 
     def _player_left(self, player_id: str, remaining: int) -> None:
         if self.stopping:
@@ -351,6 +375,7 @@ class Stream(MultiService):
         if not self.ready.result:
             self.ready.settle(Failure(EngineError(f"stream {self.key} stopped: {why}")))
         await MultiService.stopService(self)
+        self.hls.close()
         self.players.finish_all()
         self.fanout.window.clear()
         self.store.unlisten(self.key, self._event)
