@@ -191,6 +191,30 @@ def test_a_keyframe_every_second(media, coding) -> None:
                 assert idr not in types and sps not in types, types
 
 
+def test_the_muxer_keeps_its_timing(tmp_path, coding, decoder_log) -> None:
+    """
+    Muxing the file logs nothing: each frame is in the stream before its
+    decoding time on the stream's own clock (the muxer warns "dts < pcr"
+    otherwise), as a player's buffer model expects.
+    """
+    demo_media.generate(tmp_path / coding.file_name, seconds=2, coding=coding)
+    assert errors(decoder_log) == []
+
+
+def test_the_loop_is_a_clean_splice(media, decoder_log) -> None:
+    """
+    The file played twice in a row, as the simulated engine loops it,
+    decodes with no packet taken for damaged: the continuity counters
+    that jump where it starts again are marked as a discontinuity.  Only
+    the time stamps going back are noted (that is the splice).
+    """
+    data = load(media).data
+    decoded = decode(data + data)
+    assert decoded["video"] == 2 * SECONDS * demo_media.FPS
+    noted = [entry[2] for entry in errors(decoder_log)]
+    assert all(" out of order" in message for message in noted), noted
+
+
 def test_made_once_and_cached(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert demo_media.cache_dir() == tmp_path / "xdg" / "aceproxy"

@@ -49,11 +49,6 @@ CHROMIUM_FLAGS = [
 #: How long the page's video may take to show its first picture: the
 #: proxy's playlist needs a few whole segments (a second each) first.
 VIDEO_SECONDS = 30
-#: The proxy does not serve C{/ace/manifest.m3u8} (HLS) yet: the page's
-#: player gets an error for it, which these tests check is not what it got.
-NEEDS_HLS = pytest.mark.xfail(
-    strict=True, reason="the proxy serves no HLS playlist (/ace/manifest.m3u8) yet"
-)
 
 
 class _Output(ProcessProtocol):
@@ -467,7 +462,6 @@ def assert_playing(first: dict, later: dict) -> None:
     assert later["text"].startswith(f"Playing: {demo_media.WIDTH}×{demo_media.HEIGHT}, ")
 
 
-@NEEDS_HLS
 @pytest_twisted.ensureDeferred
 async def test_an_admin_plays_a_stream_from_its_row(h264_demo, proxy_factory):
     """
@@ -498,7 +492,6 @@ async def test_an_admin_plays_a_stream_from_its_row(h264_demo, proxy_factory):
         await running.stop()
 
 
-@NEEDS_HLS
 @pytest_twisted.ensureDeferred
 async def test_anyone_plays_a_content_id_they_type(h264_demo, proxy_factory):
     """

@@ -154,10 +154,14 @@ def demo_file(path: Path | None = None, coding: Coding = DEFAULT) -> Path:
     return path
 
 
-def generate(path: Path, seconds: int = SECONDS, coding: Coding = DEFAULT) -> None:
+def generate(path: Path, seconds: int = SECONDS, coding: Coding = MPEG2) -> None:
     """
     Make the demo file at C{path}: written beside it and renamed into
     place, so an interrupted run leaves no half file to be played later.
+
+    C{coding} is MPEG-2 unless named, the broadcasters' classic coding,
+    which checks of the relayed bytes decode; the demo's own file
+    (L{demo_file}) is in L{DEFAULT}.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
@@ -170,12 +174,21 @@ def _encode(path: Path, seconds: int, coding: Coding) -> None:
     """Encode the picture and the tone and mux them into MPEG-TS."""
     import av  # a test/demo extra: see the module docstring
 
-    with av.open(
-        str(path),
-        "w",
-        format="mpegts",
-        options={"mpegts_start_pid": str(START_PID), "muxrate": str(MUX_RATE)},
-    ) as container:
+    # The first packet of each PID says it follows a discontinuity (its
+    # adaptation field's discontinuity_indicator): the file is played in a
+    # loop, and where it starts again its continuity counters and clocks
+    # jump, which a demuxer then takes for the splice it is, not for loss.
+    # The clock (PCR) starts 0.7 s ahead of the first decoding time, as
+    # ffmpeg's command line has it: with none, every frame's packets would
+    # arrive after the time it is to be decoded at, which the muxer warns
+    # makes the stream invalid.
+    options = {
+        "mpegts_start_pid": str(START_PID),
+        "muxrate": str(MUX_RATE),
+        "mpegts_flags": "+initial_discontinuity",
+        "max_delay": "700000",
+    }
+    with av.open(str(path), "w", format="mpegts", options=options) as container:
         video = container.add_stream(coding.video, rate=FPS, options=dict(coding.video_options))
         video.width, video.height = WIDTH, HEIGHT
         video.pix_fmt = "yuv420p"
