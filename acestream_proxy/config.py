@@ -92,6 +92,8 @@ class Tuning:
     # A worker's window of a stream holds at most this many seconds and
     # bytes of it (4 Mbit/s for 8 s is about 4 MB); buffer_chunks and
     # chunk_ttl bound it too, and alone bound the shared Redis buffer.
+    # buffer_seconds is also the most stream a new player of a video stream
+    # waits through for a keyframe to start on before it starts anyway.
     buffer_seconds: float = 8
     buffer_bytes: int = 6 * 1024 * 1024
     # All of a worker's windows together hold at most this many bytes; the

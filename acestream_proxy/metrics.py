@@ -37,6 +37,10 @@ DROPPED_WRITE_TIMEOUT = "write_timeout"
 DROPPED_GHOST = "ghost"
 DROPPED_LIMIT = "limit"
 
+#: What an HLS request asked for.
+HLS_PLAYLIST = "playlist"
+HLS_SEGMENT = "segment"
+
 #: The engine API calls timed, by the name the engine API gives them.
 ENGINE_CALLS = {"getstream": "getstream", "stat": "stat", "stop": "stop", "get_version": "version"}
 
@@ -75,6 +79,8 @@ class Metrics:
     engine_request_seconds: Histogram = attrs.field(init=False)
     owner_changes: Counter = attrs.field(init=False)
     store_errors: Counter = attrs.field(init=False)
+    hls_segments: Counter = attrs.field(init=False)
+    hls_requests: Counter = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         registry = self.registry
@@ -136,6 +142,19 @@ class Metrics:
         )
         for call in ENGINE_CALLS.values():
             self.engine_request_seconds.labels(call=call)
+        self.hls_segments = Counter(
+            "aceproxy_hls_segments",
+            "HLS segments cut by the streams this worker owns.",
+            registry=registry,
+        )
+        self.hls_requests = Counter(
+            "aceproxy_hls_requests",
+            "HLS playlists and segments this worker served, by kind.",
+            ["kind"],
+            registry=registry,
+        )
+        for kind in (HLS_PLAYLIST, HLS_SEGMENT):
+            self.hls_requests.labels(kind=kind)
         self.owner_changes = Counter(
             "aceproxy_owner_changes",
             "Streams this worker took over from an owner that was gone or handed them over.",

@@ -20,7 +20,7 @@ from acestream_proxy.stream.keyframes import KeyframeScanner
 from acestream_proxy.stream.mpegts import PACKET_SIZE, PAT_PID
 from acestream_proxy.testing import demo, demo_media, synthetic
 from acestream_proxy.testing.engine import content_tag
-from acestream_proxy.testing.source import TsSource, load
+from acestream_proxy.testing.source import TsSource, data_positions, load
 
 from .support import HASHES, Player, start_engine
 
@@ -255,7 +255,7 @@ async def test_players_through_the_proxy_decode_and_verify(
 ) -> None:
     """
     The first player gets the broadcast from the file's start (PAT, PMT, a
-    keyframe) and decodes it with no error; a late joiner starts on a
+    keyframe: its first random-access point) and decodes it with no error; a late joiner starts on a
     keyframe with the PAT and PMT in front, and decodes with no error from
     its first frame too; both players' data PIDs verify gap-free.
     """
@@ -301,7 +301,6 @@ async def test_players_through_the_proxy_decode_and_verify(
         await running.stop()
 
 
-
 def test_made_from_the_command_line(tmp_path, monkeypatch, capsys) -> None:
     """
     C{python -m acestream_proxy.testing.demo_media} makes the coding asked
@@ -327,3 +326,60 @@ def test_made_from_the_command_line(tmp_path, monkeypatch, capsys) -> None:
     assert capsys.readouterr().out.splitlines() == [str(wanted), str(wanted), str(default)]
     with pytest.raises(SystemExit):
         demo_media.main(["--coding", "vp9"])
+
+
+def begun_mid_gop(source: TsSource) -> tuple[TsSource, int]:
+    """
+    C{source} turned so that its loop begins half a group of pictures into
+    the file, as a live broadcast is tuned into anywhere: the frames before
+    the next keyframe need one that is not sent.  The packets are the same,
+    so the loop point (back to the file's first packet, a keyframe's) is
+    the only splice, and far from where the test looks.
+
+    @return: The turned source, and where in it its first keyframe is.
+    """
+    found = KeyframeScanner().feed(source.data)
+    cut = (found[0] + found[1]) // 2 // PACKET_SIZE * PACKET_SIZE
+    data = source.data[cut:] + source.data[:cut]
+    return TsSource(data, source.bitrate, data_positions(data)), found[1] - cut
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_first_player_of_a_broadcast_tuned_mid_gop_decodes(
+    media, proxy_factory, decoder_log
+) -> None:
+    """
+    The engine's first bytes are frames that need a keyframe it did not
+    send (a player given them reports errors); the first player's body
+    starts on the first keyframe instead, the PAT and PMT in front, and
+    decodes from its first frame with no error.  Its data packets run on
+    gap-free from there.
+    """
+    source, keyframe = begun_mid_gop(load(media))
+    second = len(source.data) // SECONDS
+    decode(source.data[: keyframe + second])
+    assert errors(decoder_log), "the engine's first bytes should not decode cleanly"
+    del decoder_log[:]
+
+    running = start_engine(bitrate=source.bitrate, batch_interval=0.02, source=source)
+    try:
+        proxy = await proxy_factory([running.config("engine-a")])
+        first = await Player.open(proxy.stream_url(KEY))
+        await first.wait_bytes(2 * second)
+        body = whole(first.data)
+        first.disconnect()
+    finally:
+        await running.stop()
+    scanner = KeyframeScanner()
+    points = scanner.feed(body)
+    assert [pid(body), pid(body[PACKET_SIZE:])] == [PAT_PID, scanner.pmt_pid]
+    assert points[0] == 2 * PACKET_SIZE
+    assert body[points[0] :][:PACKET_SIZE] == source.data[keyframe:][:PACKET_SIZE]
+    report = synthetic.verify(body, content_tag=content_tag(KEY))
+    assert report.ok and report.first_seq > 0, report.describe()
+    # Up to its last keyframe, so that its last frame is whole.
+    decoded = decode(body[: points[-1]])
+    assert decoded["keyframe_first"]
+    assert decoded["video"] >= demo_media.FPS
+    assert decoded["audio"] > 0
+    assert errors(decoder_log) == []

@@ -18,6 +18,7 @@ import av
 import pytest
 import pytest_twisted
 import treq
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
@@ -109,10 +110,22 @@ async def test_an_hls_client_plays_beside_a_ts_player_on_one_session(
     assert report.ok, report.describe()
     assert demo_engine.engine.getstream_calls == [("id", KEY)]
     assert len(demo_engine.engine.sessions) == 1
-    # The HLS client was a player too, while it played.
+    # The HLS client was a player too, while it played, and is in the
+    # metrics.
     stream = proxy.registry.streams[KEY]
     assert len(stream.players.viewers) == 1
     assert len(stream.players) == 2
+    response, body = await get(f"{proxy.url}/metrics")
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+    assert samples[("aceproxy_players", ())] == 2
+    segments = samples[("aceproxy_hls_requests_total", (("kind", "segment"),))]
+    assert segments >= PLAY_SECONDS / 2 - 2
+    assert samples[("aceproxy_hls_requests_total", (("kind", "playlist"),))] >= 1
+    assert samples[("aceproxy_hls_segments_total", ())] >= segments
     player.disconnect()
 
 

@@ -32,7 +32,7 @@ from acestream_proxy.engine.api import Playback
 from acestream_proxy.engine.registry import Engine, EngineRegistry
 from acestream_proxy.errors import EngineError, Unavailable
 from acestream_proxy.store.base import Listeners
-from acestream_proxy.store.memory import MemoryStore
+from acestream_proxy.store.memory import MemorySegmentIndex, MemoryStore
 from acestream_proxy.stream.lease import OwnerLease, Renewal
 from acestream_proxy.stream.registry import StreamRegistry
 from acestream_proxy.stream.stream import Stream
@@ -71,6 +71,7 @@ class SharedState:
     last_disconnect: dict = attrs.field(factory=dict)
     buffers: dict = attrs.field(factory=dict)
     listeners: Listeners = attrs.field(factory=Listeners)
+    segments: MemorySegmentIndex = attrs.field(factory=MemorySegmentIndex)
 
     def wipe(self) -> None:
         """
@@ -133,6 +134,7 @@ class SharedMemoryStore(MemoryStore):
         self._listeners = shared.listeners
         self.buffer._streams = shared.buffers
         self.buffer.may_append = self._holds_lease
+        self.segments = shared.segments
 
     def _lapse(self, key: str) -> None:
         until = self.shared.lease_until.get(key)

@@ -17,6 +17,7 @@ whose keyframes stop for too long gets one such cut too, so that a segment
 never grows without bound.
 """
 
+import math
 from typing import Callable
 
 import attrs
@@ -65,12 +66,15 @@ class SegmentCutter:
     @ivar sequence: the next segment's sequence number.
     @ivar discontinuity: the discontinuity sequence number of the segments
         being cut now: how many engine-session changes came before them.
+    @ivar room: the seconds of chunks the window holds, if it bounds them:
+        a segment longer than that could not be put together from it.
     """
 
     target: float
     publish: Callable[[Segment], None]
     sequence: int = 0
     discontinuity: int = 0
+    room: float = math.inf
     _start: _Point | None = attrs.field(default=None, init=False)
     _first_at: float | None = attrs.field(default=None, init=False)
     _psi: bytes = attrs.field(default=b"", init=False)
@@ -82,7 +86,12 @@ class SegmentCutter:
 
     @property
     def longest(self) -> float:
-        return longest_segment(self.target)
+        """
+        The longest segment cut where no keyframe is: at most what the
+        window holds, less a second for the chunk that ends it coming late,
+        or the segment's first chunks would have left it by then.
+        """
+        return min(longest_segment(self.target), max(self.target, self.room - 1))
 
     def resume_after(self, last: Segment | None) -> None:
         """

@@ -77,7 +77,9 @@ class StreamSegments:
         """
         if self.cutter is not None or self.closed:
             return
-        cutter = self.cutter = SegmentCutter(self.target, self._cut)
+        cutter = self.cutter = SegmentCutter(
+            self.target, self._cut, room=self.fanout.window.max_seconds
+        )
         try:
             previous = await self._stored()
         except Unavailable:
@@ -100,6 +102,7 @@ class StreamSegments:
             self.cutter.new_session()
 
     def _cut(self, segment: Segment) -> None:
+        self.fanout.metrics.hls_segments.inc()
         self._own.append(segment)
         self.tasks.run(self.store.segments.add(self.key, segment.encode(), self.kept))
         if not self.watched():

@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ..errors import BadRequest, Forbidden, NotFound, ProxyError, Unauthorized, Unavailable
-from ..metrics import DROPPED_LIMIT
+from ..metrics import DROPPED_LIMIT, HLS_PLAYLIST, HLS_SEGMENT
 from ..stream.registry import StreamRegistry
 from . import views
 from .limits import ClientLimits, is_loopback
@@ -116,6 +116,7 @@ class ProxyWeb:
         self._check_new_stream(key, request)
         stream, viewer = await self.streams.watch(key, param, request)
         body = await stream.hls.playlist()
+        self.streams.metrics.hls_requests.labels(kind=HLS_PLAYLIST).inc()
         return self._hls_answer(request, viewer, body, b"application/vnd.apple.mpegurl")
 
     @app.route("/hls/<key>/<name>", methods=["GET", "HEAD"])
@@ -126,7 +127,9 @@ class ProxyWeb:
             raise NotFound(f"no segment {name[:32]!r}: segments are named <number>.ts")
         stream, viewer = await self.streams.watch(key, None, request)
         body = await stream.hls.segment(int(match.group(1)))
-        self.streams.metrics.sent_bytes.inc(len(body))
+        metrics = self.streams.metrics
+        metrics.hls_requests.labels(kind=HLS_SEGMENT).inc()
+        metrics.sent_bytes.inc(len(body))
         return self._hls_answer(request, viewer, body, b"video/mp2t")
 
     @staticmethod

@@ -49,6 +49,9 @@ class FanOut:
     _framed: dict = attrs.field(factory=dict, init=False)
     _bare: dict = attrs.field(factory=dict, init=False)
     _waiting: list = attrs.field(factory=list, init=False)
+    # New players that wait for a chunk to start at, each with what it is
+    # told of every chunk delivered until it says it started.
+    _starting: dict = attrs.field(factory=dict, init=False)
 
     def deliver(self, chunk: Chunk) -> None:
         """
@@ -72,6 +75,10 @@ class FanOut:
                 send(data)
         for observe in self.observers:
             observe(chunk)
+        if self._starting:
+            for producer, take in list(self._starting.items()):
+                if take(chunk):
+                    self._starting.pop(producer, None)
         if self._waiting:
             waiting, self._waiting = self._waiting, []
             for d in waiting:
@@ -103,11 +110,21 @@ class FanOut:
             return None
         return max(window.first_index, window.next_index - self.join_chunks)
 
+    def await_start(self, producer, take: Callable[[Chunk], bool]) -> None:
+        """
+        Tell C{producer}'s C{take} of each new chunk, once it is in the
+        window and the live players have it, until C{take} returns true:
+        how a new player waits for a place to start (see
+        L{acestream_proxy.stream.player}).
+        """
+        self._starting[producer] = take
+
     def add(self, producer) -> None:
         self.producers.add(producer)
 
     def remove(self, producer) -> None:
         self.producers.discard(producer)
+        self._starting.pop(producer, None)
         self.go_idle(producer)
 
     def go_live(self, producer, send: Callable[[bytes], None], framed: bool) -> None:

@@ -80,7 +80,10 @@ class PlayerHeartbeats:
         oldest = now - self.ghost_client_timeout
         for producer in list(stream.players):
             info = producer.info
-            if self._beats.get(info.id, info.connected_at) < oldest:
+            # A beat from before it joined was a previous player's of the
+            # same id: an HLS viewer's id is its address and user agent, so
+            # one dropped as a ghost that comes back has the id it had.
+            if max(self._beats.get(info.id, info.connected_at), info.connected_at) < oldest:
                 self._ghost(info.id, stream.key)
                 stream.metrics.players_dropped.labels(reason=DROPPED_GHOST).inc()
                 producer.abort()

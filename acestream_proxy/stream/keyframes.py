@@ -12,10 +12,13 @@ L{KeyframeScanner} finds those points as the data goes by.  It runs on every
 chunk of every stream, so it looks at packet headers through strided slices
 and big-integer masks and only inspects the few packets that could be a
 random-access point (those of the video PID that start a PES packet or carry
-an adaptation field).
+an adaptation field), and the packets of the PAT and PMT PIDs, a few a
+second, whose tables it puts together across packets (L{SectionReader}).
 """
 
 from __future__ import annotations
+
+import zlib
 
 import attrs
 
@@ -49,34 +52,150 @@ def _table(keep) -> bytes:
 
 _PUSI = _table(lambda b: b & 0x40)
 _HAS_ADAPTATION = _table(lambda b: b & 0x20)
+#: PES stream_id of private_stream_1 and private_stream_2.
+_PRIVATE_STREAM = _table(lambda b: b in (0xBD, 0xBF))
 
 
-def _section(packet: bytes) -> bytes | None:
+#: The longest PAT or PMT section, header and CRC included (ISO/IEC
+#: 13818-1 caps their section_length at 1021).  A longer one is junk.
+MAX_PSI_SECTION = 1024
+#: The shortest: the 8 header bytes and the CRC.
+_MIN_PSI_SECTION = 12
+_STUFFING = 0xFF
+
+#: Each byte with its bits in reverse order.  zlib's CRC-32 has the same
+#: polynomial as MPEG-2's but shifts bits the other way; fed bit-reversed
+#: bytes, it checks an MPEG-2 CRC in C rather than in a Python loop.
+_REVERSED_BITS = bytes(int(f"{byte:08b}"[::-1], 2) for byte in range(256))
+#: What zlib's CRC-32 of a bit-reversed section with a correct MPEG-2 CRC
+#: at its end comes to: an MPEG-2 CRC over such a section is 0.
+_CRC_OK = 0xFFFFFFFF
+
+
+def crc_valid(section: bytes) -> bool:
+    """Whether C{section} ends with its correct MPEG-2 CRC-32."""
+    return zlib.crc32(section.translate(_REVERSED_BITS)) == _CRC_OK
+
+
+@attrs.define
+class SectionReader:
     """
-    The PSI section that starts in C{packet}, or C{None}.  Tables longer than
-    one packet are cut at its end; the fields we read come first.
+    Reassemble the sections of one table from the packets of its PID.
+
+    A section starts where a packet with payload_unit_start_indicator says
+    (its pointer_field skips the end of the previous one) and may run on
+    through the next packets of the PID; several may share a packet.  Only
+    sections of C{table_id} are gathered, never more than L{MAX_PSI_SECTION}
+    bytes of one: anything else, a packet missing (continuity counter) or a
+    length out of bounds drops what was gathered, and the next pointer_field
+    finds the next section.  A packet sent twice (the same bytes, the same
+    counter, as a multiplexer may) counts once.  Each complete section is
+    handed on only if its CRC is right.
+
+    @ivar table_id: The table whose sections are wanted.
     """
-    if not packet[1] & 0x40:
-        return None
-    start = 4
-    if packet[3] & 0x20:
-        start += 1 + packet[4]
-    if not packet[3] & 0x10 or start >= PACKET_SIZE:
-        return None
-    start += 1 + packet[start]  # pointer_field
-    if start + 3 > PACKET_SIZE:
-        return None
-    length = ((packet[start + 1] & 0x0F) << 8) | packet[start + 2]
-    return packet[start : min(start + 3 + length, PACKET_SIZE)]
+
+    table_id: int
+    _data: bytearray = attrs.field(factory=bytearray, init=False)
+    _length: int = attrs.field(default=0, init=False)
+    # The packets carrying the section being gathered: none when none is.
+    _packets: list = attrs.field(factory=list, init=False)
+    _cc: int | None = attrs.field(default=None, init=False)
+    _last: bytes = attrs.field(default=b"", init=False)
+
+    def feed(self, packet: bytes) -> list[tuple[bytes, tuple[bytes, ...]]]:
+        """
+        Take the PID's next packet.
+
+        @return: Each wanted section completed in it, with the packets that
+            carry it (from the one it starts in to this one), in order.
+        """
+        control = packet[3]
+        if not control & 0x10:
+            return []  # no payload, and the counter does not move
+        cc = control & 0x0F
+        if cc == self._cc and packet == self._last:
+            return []
+        follows = self._cc is not None and cc == (self._cc + 1) & 0x0F
+        self._cc = cc
+        self._last = packet
+        start = 4
+        if control & 0x20:
+            start += 1 + packet[4]
+        if start >= PACKET_SIZE:
+            self._drop()
+            return []
+        done: list = []
+        if not packet[1] & 0x40:
+            if self._packets and follows:
+                self._packets.append(packet)
+                self._extend(packet, start, PACKET_SIZE, done)
+            else:
+                self._drop()
+            return done
+        begin = start + 1 + packet[start]  # after the pointer_field's bytes
+        if self._packets and follows and begin <= PACKET_SIZE:
+            # The end of the section in progress comes before the new one.
+            self._packets.append(packet)
+            self._extend(packet, start + 1, begin, done)
+        self._drop()
+        position = begin
+        while position < PACKET_SIZE and packet[position] != _STUFFING:
+            self._packets = [packet]
+            position = self._extend(packet, position, PACKET_SIZE, done)
+        return done
+
+    def _extend(self, packet: bytes, position: int, end: int, done: list) -> int:
+        """
+        Add C{packet[position:end]} to the section being gathered, as far as
+        it goes; a complete section goes to C{done}.
+
+        @return: Where in C{packet} the section ended, or C{end}.
+        """
+        data = self._data
+        if len(data) < 3:
+            take = min(3 - len(data), end - position)
+            data += packet[position : position + take]
+            position += take
+            if len(data) < 3:
+                return end
+            length = 3 + (((data[1] & 0x0F) << 8) | data[2])
+            if (
+                data[0] != self.table_id
+                or not _MIN_PSI_SECTION <= length <= MAX_PSI_SECTION
+            ):
+                # Another table's section, or junk: passed over.
+                self._drop()
+                return position + length - 3
+            self._length = length
+        take = min(self._length - len(data), end - position)
+        data += packet[position : position + take]
+        position += take
+        if len(data) == self._length:
+            section = bytes(data)
+            if crc_valid(section):
+                done.append((section, tuple(self._packets)))
+            self._drop()
+            return position
+        return end
+
+    def _drop(self) -> None:
+        """Forget the section being gathered, if any."""
+        self._data = bytearray()
+        self._length = 0
+        self._packets = []
 
 
-def _pmt_pid(pat: bytes) -> int | None:
-    """The PMT PID of the PAT's first program (network PIDs skipped)."""
+def _program(pat: bytes) -> tuple[int, int] | None:
+    """
+    The (program_number, PMT PID) of the PAT's first program (network PIDs
+    skipped).
+    """
     end = len(pat) - 4  # CRC
     for pos in range(8, end - 3, 4):
         program = (pat[pos] << 8) | pat[pos + 1]
         if program:
-            return ((pat[pos + 2] & 0x1F) << 8) | pat[pos + 3]
+            return program, ((pat[pos + 2] & 0x1F) << 8) | pat[pos + 3]
     return None
 
 
@@ -95,6 +214,22 @@ def _video_pid(pmt: bytes) -> tuple[int, int] | None:
             return pid, stream_type
         pos += 5 + (((pmt[pos + 3] & 0x0F) << 8) | pmt[pos + 4])
     return None
+
+
+def _bare_data(data: bytes, count: int) -> bool:
+    """
+    Whether each of the C{count} packets of C{data} starts a PES packet of
+    private data (private_stream_1 or 2) right after its header: checked
+    on whole columns of bytes at once.
+    """
+    columns = [data[offset::PACKET_SIZE][:count] for offset in range(1, 8)]
+    return (
+        columns[0].translate(_PUSI) == _ONE * count
+        and columns[2].translate(_HAS_ADAPTATION) == bytes(count)
+        and columns[3] == columns[4] == bytes(count)
+        and columns[5] == _ONE * count
+        and columns[6].translate(_PRIVATE_STREAM) == _ONE * count
+    )
 
 
 def _nal_types(payload: bytes, hevc: bool) -> list[int]:
@@ -131,32 +266,75 @@ class KeyframeScanner:
     Follow one stream's PAT and PMT and find its video random-access points.
 
     Fed the stream's whole packets run by run (in order, each run starting on
-    a packet boundary), it keeps the latest PAT and PMT packets, which a
-    player joining at a random-access point needs in front, and reports where
-    in each run such points are: a packet of the video PID with the
-    adaptation field's random_access_indicator, or one that starts a PES
-    packet holding an MPEG-2 sequence header, an H.264 IDR (or SPS that
-    leads to one) or an HEVC IRAP picture.
+    a packet boundary), it keeps the packets that carry the latest PAT and
+    PMT, which a player joining at a random-access point needs in front, and
+    reports where in each run such points are: a packet of the video PID
+    with the adaptation field's random_access_indicator, or one that starts
+    a PES packet holding an MPEG-2 sequence header, an H.264 IDR (or SPS
+    that leads to one) or an HEVC IRAP picture.
 
-    @ivar pat: The latest PAT packet, or C{None} before the first.
-    @ivar pmt: The latest PMT packet of the PAT's program, or C{None}.
+    A PMT that lists many streams and descriptors spans several packets: its
+    sections are put together from all the packets of the PID (see
+    L{SectionReader}), and a table is believed only with a correct CRC, so
+    that one damaged packet cannot move the video PID.  Those PIDs carry a
+    few packets a second, so this costs little beside the video's scan.
+
+    @ivar pat: The packets of the latest PAT, or C{None} before the first.
+    @ivar pmt: The packets of the latest PMT of the PAT's program, or
+        C{None}.
+    @ivar program: The PAT's program (its first, network PIDs skipped).
     @ivar video_pid: The PMT's video PID, or C{None} (no PMT yet, or no
         video: radio, the synthetic test stream).
     """
 
     pat: bytes | None = None
     pmt: bytes | None = None
+    program: int | None = None
     pmt_pid: int | None = None
     video_pid: int | None = None
     stream_type: int | None = None
+    _pat_reader: SectionReader = attrs.field(
+        factory=lambda: SectionReader(_PAT_TABLE_ID), init=False, repr=False
+    )
+    _pmt_reader: SectionReader = attrs.field(
+        factory=lambda: SectionReader(_PMT_TABLE_ID), init=False, repr=False
+    )
+    # The sections the PAT and PMT were last read from: a repeat of the same
+    # table (every few hundred milliseconds) only renews their packets.
+    _pat_section: bytes = attrs.field(default=b"", init=False, repr=False)
+    _pmt_section: bytes = attrs.field(default=b"", init=False, repr=False)
+    # The PAT and PMT packets together, made when first asked for after a
+    # table came again (None until then): every chunk with a random-access
+    # point in between shares this one object.
+    _psi: bytes | None = attrs.field(default=None, init=False, repr=False)
+    # Whether every packet before the PMT was bare private data.
+    _bare_data: bool = attrs.field(default=True, init=False, repr=False)
     _tables: dict[int, tuple[bytes, bytes]] = attrs.field(factory=dict, init=False, repr=False)
+
+    @property
+    def has_video(self) -> bool | None:
+        """
+        Whether the stream has a video PID whose points this finds: C{None}
+        while it may, its PMT not seen yet.  A stream that so far is nothing
+        but whole PES packets of private data, one a packet (the synthetic
+        test stream's data packets, without its PAT and PMT), counts as
+        having none: it is no program, and will not turn into one.
+        """
+        if self.pmt is None:
+            return False if self._bare_data else None
+        return self.video_pid is not None
 
     def psi_for(self, access: tuple[int, ...]) -> bytes:
         """
-        What a player starting at one of C{access} needs in front: the
-        latest PAT and PMT, or nothing when there is no such point.
+        What a player starting at one of C{access} needs in front: every
+        packet of the latest PAT and PMT, or nothing when there is no such
+        point.
         """
-        return self.pat + self.pmt if access else b""
+        if not access or self.pmt is None:
+            return b""
+        if self._psi is None:
+            self._psi = self.pat + self.pmt
+        return self._psi
 
     def feed(self, data: bytes) -> tuple[int, ...]:
         """
@@ -171,7 +349,9 @@ class KeyframeScanner:
             return ()
         # Until a PMT (in this run or an earlier one) names the video PID,
         # nothing is reported: no player could use it without that PMT.
-        self._psi(data, count)
+        self._read_tables(data, count)
+        if self.pmt is None and self._bare_data:
+            self._bare_data = _bare_data(data, count)
         if self.video_pid is None:
             return ()
         return tuple(
@@ -180,50 +360,63 @@ class KeyframeScanner:
             if self._is_random_access(data[index * PACKET_SIZE : (index + 1) * PACKET_SIZE])
         )
 
-    def _psi(self, data: bytes, count: int) -> None:
+    def _read_tables(self, data: bytes, count: int) -> None:
         """Keep the latest PAT and PMT, and what they say."""
-        for packet, section in self._sections(data, count, PAT_PID, _PAT_TABLE_ID):
-            self.pat = packet
-            pmt_pid = _pmt_pid(section)
-            if pmt_pid != self.pmt_pid:
-                self.pmt_pid = pmt_pid
-                self.pmt = None
-                self.video_pid = self.stream_type = None
+        for index in self._candidates(data, count, PAT_PID, False):
+            packet = data[index * PACKET_SIZE : (index + 1) * PACKET_SIZE]
+            for section, packets in self._pat_reader.feed(packet):
+                self._take_pat(section, packets)
         if self.pmt_pid is None:
             return
-        for packet, section in self._sections(data, count, self.pmt_pid, _PMT_TABLE_ID):
-            self.pmt = packet
+        for index in self._candidates(data, count, self.pmt_pid, False):
+            packet = data[index * PACKET_SIZE : (index + 1) * PACKET_SIZE]
+            for section, packets in self._pmt_reader.feed(packet):
+                self._take_pmt(section, packets)
+
+    def _take_pat(self, section: bytes, packets: tuple[bytes, ...]) -> None:
+        """A PAT section with a good CRC: its program's PMT is followed."""
+        self.pat = b"".join(packets)
+        if section != self._pat_section:
+            self._pat_section = section
+            program, pmt_pid = _program(section) or (None, None)
+            if (program, pmt_pid) != (self.program, self.pmt_pid):
+                self.program, self.pmt_pid = program, pmt_pid
+                self._pmt_reader = SectionReader(_PMT_TABLE_ID)
+                self.pmt = None
+                self._pmt_section = b""
+                self.video_pid = self.stream_type = None
+        self._psi = None
+
+    def _take_pmt(self, section: bytes, packets: tuple[bytes, ...]) -> None:
+        """
+        A PMT section with a good CRC: that of the PAT's program (programs
+        may share a PMT PID) names the video PID.
+        """
+        if ((section[3] << 8) | section[4]) != self.program:
+            return
+        self.pmt = b"".join(packets)
+        if section != self._pmt_section:
+            self._pmt_section = section
             found = _video_pid(section)
             self.video_pid, self.stream_type = found if found else (None, None)
+        self._psi = None
 
-    def _sections(self, data: bytes, count: int, pid: int, table_id: int):
+    def _candidates(self, data: bytes, count: int, pid: int, random_access: bool) -> list[int]:
         """
-        Each packet of C{pid} in which a C{table_id} section starts, with
-        that section.
-        """
-        for index in self._candidates(data, count, pid, False):
-            packet = data[index * PACKET_SIZE : (index + 1) * PACKET_SIZE]
-            section = _section(packet)
-            if section is not None and section[0] == table_id:
-                yield packet, section
-
-    def _candidates(self, data: bytes, count: int, pid: int, adaptation: bool) -> list[int]:
-        """
-        The indices of C{pid}'s packets that start a payload unit (or, with
-        C{adaptation}, carry an adaptation field), found on whole columns of
-        header bytes at once rather than packet by packet.
+        The indices of C{pid}'s packets (with C{random_access}, only those
+        that start a payload unit or carry an adaptation field), found on
+        whole columns of header bytes at once rather than packet by packet.
         """
         high, low = self._pid_tables(pid)
         mask = int.from_bytes(data[1::PACKET_SIZE][:count].translate(high), "big")
         mask &= int.from_bytes(data[2::PACKET_SIZE][:count].translate(low), "big")
         if not mask:
             return []
-        flags = int.from_bytes(data[1::PACKET_SIZE][:count].translate(_PUSI), "big")
-        if adaptation:
-            flags |= int.from_bytes(
-                data[3::PACKET_SIZE][:count].translate(_HAS_ADAPTATION), "big"
-            )
-        hits = (mask & flags).to_bytes(count, "big")
+        if random_access:
+            mask &= int.from_bytes(
+                data[1::PACKET_SIZE][:count].translate(_PUSI), "big"
+            ) | int.from_bytes(data[3::PACKET_SIZE][:count].translate(_HAS_ADAPTATION), "big")
+        hits = mask.to_bytes(count, "big")
         found = []
         index = hits.find(_ONE)
         while index >= 0:

@@ -13,6 +13,14 @@ Where the window knows the video's random-access points, a joining player
 and one that skips start on the newest suitable one instead, with the PAT and
 PMT in front, so that their first frame decodes; that first piece is the only
 one built for one player.
+
+A player that finds no such point in the window (the first player of a new
+stream, whose engine starts sending anywhere in a group of pictures) waits
+for the first one to arrive rather than begin with pictures it cannot
+decode.  It waits only while that can help: a stream known to have no video
+(radio, the synthetic test stream) starts it at once, packet-aligned as
+before; a video stream in which no point turned up for as long as the
+window keeps (L{start_wait}) starts it packet-aligned too.
 """
 
 from typing import Callable
@@ -26,10 +34,21 @@ from zope.interface import implementer
 from ..metrics import DROPPED_WRITE_TIMEOUT
 from .fanout import FanOut
 from .sendpath import writers
-from .window import frame
+from .window import Chunk, ChunkWindow, frame
 
 #: The most chunks a player that is behind is sent in one system call.
 CATCH_UP_BATCH = 16
+
+
+def start_wait(window: ChunkWindow) -> float:
+    """
+    The most stream time (by the chunks' C{added_at}) a new player waits
+    for a random-access point: the span of stream the window keeps
+    (C{tuning.buffer_seconds}, or its time to live if shorter).  A point
+    would be in the window if the stream had one that often; and the bytes
+    the player would otherwise have started with are still there to send.
+    """
+    return min(window.max_seconds, window.ttl)
 
 
 @attrs.frozen
@@ -79,6 +98,10 @@ class PlayerProducer:
     _stall: object = attrs.field(default=None, init=False)
     _chunked: bool = attrs.field(default=False, init=False)
     _counted: bool = attrs.field(default=False, init=False)
+    # Whether it waits for a random-access point to start at, and since
+    # when: the added_at of the oldest chunk it could have started with.
+    _waiting: bool = attrs.field(default=False, init=False)
+    _waiting_since: float | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.done = Deferred(self._cancelled)
@@ -92,7 +115,8 @@ class PlayerProducer:
     def start(self) -> None:
         """
         Send the response headers and begin streaming from a few chunks behind
-        the live edge.
+        the live edge: from a random-access point there, or failing one in
+        the window, from the first to arrive (see the module docstring).
         """
         request = self.request
         request.write(b"")
@@ -112,11 +136,72 @@ class PlayerProducer:
             self._write_many = write_many
         self.fanout.add(self)
         request.registerProducer(self, True)
-        self.position = self.fanout.join_position()
-        if self.position is not None:
-            self._start_at_random_access(self.fanout.join_chunks)
+        fanout = self.fanout
+        if not (
+            self._start_at_random_access(fanout.join_chunks)
+            or self._start_at_random_access(1)
+        ):
+            self.position = fanout.join_position()
+            if self._may_wait():
+                window = fanout.window
+                self._waiting = True
+                if len(window):
+                    self._waiting_since = window.get(window.first_index).added_at
+                fanout.await_start(self, self._start_with)
+                return
         if not self.paused:
             self._catch_up()
+
+    def _may_wait(self) -> bool:
+        """
+        Whether waiting for a random-access point may yet give this new
+        player a clean start: the window has none, and the stream may have
+        video whose points have not had the time to show.
+        """
+        window = self.fanout.window
+        if not len(window):
+            return True  # nothing known yet: the first chunk tells
+        newest = window.get(window.next_index - 1)
+        if newest.video is False:
+            return False
+        oldest = window.get(window.first_index)
+        return newest.added_at - oldest.added_at < start_wait(window)
+
+    def _start_with(self, chunk: Chunk) -> bool:
+        """
+        A chunk arrived while this player waits for a place to start: start
+        at its first random-access point, or packet-aligned if the stream
+        turned out to have no video or kept none for L{start_wait}.
+
+        @return: whether the player started (and waits no more).
+        """
+        if self._waiting_since is None:
+            self._waiting_since = chunk.added_at
+        if self.position is None:
+            self.position = chunk.index
+        if chunk.random_access and chunk.psi:
+            self._send_from(chunk, chunk.random_access[0])
+        elif (
+            chunk.video is False
+            or chunk.added_at - self._waiting_since >= start_wait(self.fanout.window)
+        ):
+            # Where it would have started, unless the window moved past it
+            # (or the stream's numbering began again).
+            self.position = min(max(self.position, self.fanout.join_position()), chunk.index)
+            if self.position == chunk.index:
+                # This chunk alone: sent as it would have been had the
+                # player been live.
+                self._write(chunk.framed if self._chunked else bytes(chunk.data))
+                self.position += 1
+                self._sent += chunk.size
+                self.fanout.metrics.sent_bytes.inc(chunk.size)
+        else:
+            return False
+        self._waiting = False
+        self._waiting_since = None
+        if not self.paused:
+            self._catch_up()
+        return True
 
     @property
     def bytes_sent(self) -> int:
@@ -179,13 +264,19 @@ class PlayerProducer:
         point = self.fanout.window.random_access_point(behind)
         if point is None:
             return False
-        chunk, offset = point
+        self._send_from(*point)
+        return True
+
+    def _send_from(self, chunk: Chunk, offset: int) -> None:
+        """
+        Send the PAT and PMT, then C{chunk} from C{offset} on; carry on
+        after it.
+        """
         data = chunk.psi + bytes(chunk.data[offset:])
         self.position = chunk.index + 1
         self._sent += len(data)
         self.fanout.metrics.sent_bytes.inc(len(data))
         self._write(frame(data)[0] if self._chunked else data)
-        return True
 
     def _go_live(self) -> None:
         """
@@ -217,7 +308,8 @@ class PlayerProducer:
             return
         self.paused = False
         self._cancel_stall()
-        self._catch_up()
+        if not self._waiting:
+            self._catch_up()
 
     def _stalled(self) -> None:
         """

@@ -161,8 +161,23 @@ class Players:
             key=self.key,
             bytes=producer.bytes_sent,
         )
-        self.tasks.run(self._unregister(producer.info.id))
+        if isinstance(producer, HlsViewer):
+            self.tasks.run(self._unregister_viewer(producer.info.id))
+        else:
+            self.tasks.run(self._unregister(producer.info.id))
 
     async def _unregister(self, player_id: str) -> None:
         remaining = await self.store.remove_player(self.key, player_id)
         self.left(player_id, remaining)
+
+    async def _unregister_viewer(self, player_id: str) -> None:
+        """
+        An HLS viewer left this worker.  Its requests may go to several
+        workers (a load balancer without stickiness), each with its copy of
+        the viewer under the same id: the copy another worker heartbeated
+        last still watches, and keeps the registration.
+        """
+        stored = (await self.store.list_players(self.key)).get(player_id)
+        if stored is not None and stored.get(PlayerField.WORKER, self.worker_id) != self.worker_id:
+            return
+        await self._unregister(player_id)

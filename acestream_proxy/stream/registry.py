@@ -408,6 +408,15 @@ class StreamRegistry(MultiService):
                 fields.get(PlayerField.WORKER) not in (None, self.worker_id)
                 for fields in clients.values()
             )
+            # An HLS viewer's requests may reach any worker, and its one
+            # record names only the worker that wrote it last: the others
+            # serving it cannot be told from the store.  Its next request
+            # comes within a segment, to a worker that takes the stream
+            # over and numbers its segments on; ended, the stream would
+            # start again on a new engine session, numbered from 0.
+            handover = handover or (
+                self.store.kind != "memory" and bool(stream.players.viewers)
+            )
         await stream.stop("shutting down", handover=handover)
 
     def _close(self, transports: list) -> Deferred:

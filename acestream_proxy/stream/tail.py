@@ -137,7 +137,9 @@ class BufferTail(MultiService):
                 self.next_index = index + 1
                 access = self._scanner.feed(data)
                 psi = self._scanner.psi_for(access)
-                self.fanout.deliver(Chunk.make(index, data, now, access, psi))
+                self.fanout.deliver(
+                    Chunk.make(index, data, now, access, psi, self._scanner.has_video)
+                )
 
     def stopService(self) -> Deferred:
         self._stopped = True

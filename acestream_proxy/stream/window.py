@@ -41,6 +41,11 @@ class Chunk:
         (see L{acestream_proxy.stream.keyframes}); empty when unknown.
     @ivar psi: the stream's PAT and PMT packets current at those points,
         which such a player needs in front of its first packet.
+    @ivar video: whether the stream has video whose random-access points
+        are found, as known when the chunk was made: C{None} before its PMT
+        was seen.  A new player with no point to start at waits for one
+        unless this is C{False} (radio, the synthetic test stream, a chunk
+        nobody scanned).
     """
 
     index: int
@@ -49,6 +54,7 @@ class Chunk:
     added_at: float
     random_access: tuple[int, ...] = ()
     psi: bytes = b""
+    video: bool | None = False
     size: int = attrs.field(init=False)
 
     @size.default
@@ -63,9 +69,10 @@ class Chunk:
         added_at: float,
         random_access: tuple[int, ...] = (),
         psi: bytes = b"",
+        video: bool | None = False,
     ) -> "Chunk":
         framed, start = frame(data)
-        return cls(index, framed, start, added_at, random_access, psi)
+        return cls(index, framed, start, added_at, random_access, psi, video)
 
     @property
     def data(self) -> memoryview:

@@ -61,7 +61,8 @@ class StoreWriter:
     _scanner: KeyframeScanner = attrs.field(factory=KeyframeScanner, init=False)
     _seal_call: object = attrs.field(default=None, init=False)
     # Sealed chunks waiting for the store, each as the arguments of its
-    # Chunk after the index: framed, start, added_at, random_access, psi.
+    # Chunk after the index: framed, start, added_at, random_access, psi,
+    # video.
     _pending: deque = attrs.field(factory=deque, init=False)
     _appending: bool = attrs.field(default=False, init=False)
 
@@ -104,8 +105,11 @@ class StoreWriter:
         self._held_bytes = 0
         access = tuple(self._held_access)
         self._held_access.clear()
-        psi = self._scanner.psi_for(access)
-        self._pending.append((framed, len(head), self.clock.seconds(), access, psi))
+        scanner = self._scanner
+        psi = scanner.psi_for(access)
+        self._pending.append(
+            (framed, len(head), self.clock.seconds(), access, psi, scanner.has_video)
+        )
         if len(self._pending) > MAX_PENDING and self.producer is not None:
             self.producer.pauseProducing()
         self.flush()
