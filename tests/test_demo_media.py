@@ -161,6 +161,27 @@ def test_the_file_is_a_picture_a_tone_and_data(media, coding, decoder_log) -> No
     assert stream_types(source.data)[synthetic.DATA_PID] == PRIVATE_DATA
 
 
+def test_it_starts_and_runs_as_a_broadcast(media, coding) -> None:
+    """
+    The file's first keyframe follows its PAT and PMT at once, so that a
+    player given the file from its start (or from that keyframe, with the
+    PAT and PMT in front) misses nothing.  In H.264 its video runs at a
+    constant rate near the configured one, as broadcasters send it, rather
+    than a packet now and then among the data packets.
+    """
+    data = load(media).data
+    scanner = KeyframeScanner()
+    first_keyframe = scanner.feed(data)[0] // PACKET_SIZE
+    packets = [data[i : i + PACKET_SIZE] for i in range(0, len(data), PACKET_SIZE)]
+    assert [pid(p) for p in packets[first_keyframe - 2 : first_keyframe]] == [
+        PAT_PID,
+        scanner.pmt_pid,
+    ]
+    if coding.name == "h264":
+        video_bits = sum(1 for p in packets if pid(p) == scanner.video_pid) * PACKET_SIZE * 8
+        assert video_bits / SECONDS >= 0.8 * demo_media.VIDEO_BITRATE
+
+
 def test_a_keyframe_every_second(media, coding) -> None:
     """
     The video has a keyframe every L{demo_media.GOP} frames and no other,

@@ -79,8 +79,10 @@ class Coding:
 #: C{keyint} with C{min-keyint} equal to it), and x264 repeats the SPS and
 #: PPS in front of each, since the MPEG-TS muxer asks for no global
 #: header: a player that joins at any keyframe can decode from it.  The
-#: peak rate is capped well below L{MUX_RATE}, so that the muxer always
-#: has null packets left to become data packets.
+#: rate is constant (HRD CBR: x264 pads with filler data), as broadcasters
+#: send it: the still picture alone would take a packet now and then, and
+#: the stream be little but data packets.  It is well below L{MUX_RATE},
+#: so that the muxer always has null packets left to become data packets.
 H264 = Coding(
     "h264",
     "libx264",
@@ -88,7 +90,7 @@ H264 = Coding(
     {
         "preset": "veryfast",
         "profile": "main",
-        "x264-params": f"keyint={GOP}:min-keyint={GOP}:scenecut=0:bframes=0",
+        "x264-params": f"keyint={GOP}:min-keyint={GOP}:scenecut=0:bframes=0:nal-hrd=cbr",
         "maxrate": str(VIDEO_BITRATE),
         "bufsize": str(VIDEO_BITRATE),
     },
@@ -211,6 +213,7 @@ def _encode(path: Path, seconds: int, coding: Coding) -> None:
         data = container.add_data_stream("klv")
         data.id = synthetic.DATA_PID
         planes = _background()
+        primed = _Priming()
         tone = _tone_samples()
         samples_per_frame = SAMPLE_RATE // FPS
         for index in range(seconds * FPS):
@@ -227,10 +230,32 @@ def _encode(path: Path, seconds: int, coding: Coding) -> None:
             sound.pts = index * samples_per_frame
             sound.planes[0].update(tone)
             for packet in audio.encode(sound):
-                container.mux(packet)
-        for stream in (video, audio):
-            for packet in stream.encode(None):
-                container.mux(packet)
+                container.mux(primed.shift(packet))
+        for packet in video.encode(None):
+            container.mux(packet)
+        for packet in audio.encode(None):
+            container.mux(primed.shift(packet))
+
+
+@attrs.define
+class _Priming:
+    """
+    AAC's encoder stamps its first packet before zero (by its priming
+    samples), and the muxer would then move every time stamp up by as
+    much and fill the time before the first picture with padding: the
+    file would no longer start with its keyframe right after the PAT and
+    PMT.  The audio is moved later instead, by that first packet's lead
+    (1024 samples, 21 ms, for AAC; nothing for MP2).
+    """
+
+    offset: int | None = None
+
+    def shift(self, packet):
+        if self.offset is None:
+            self.offset = max(0, -packet.pts)
+        packet.pts += self.offset
+        packet.dts += self.offset
+        return packet
 
 
 def _fill_plane(plane, data: bytes, width: int) -> None:
