@@ -52,6 +52,10 @@ test: $(VENV)/.installed
 	@sh contrib/test-tools.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The demo's broadcast is H.264 and AAC, which VLC, mpv and the status
+# page's player all play; DEMO_ARGS="--media FILE" plays another file, e.g.
+# the MPEG-2 one `$(BIN)/python -m acestream_proxy.testing.demo_media
+# --coding mpeg2 FILE` makes.
 demo: $(VENV)/.installed-demo
 	$(BIN)/python -m acestream_proxy.testing.demo $(DEMO_ARGS)
 

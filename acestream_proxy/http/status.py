@@ -1,6 +1,8 @@
 """
 The status page: C{GET /} is a static page whose script polls
-C{GET /status} (JSON) and renders engines and streams as tables.
+C{GET /status} (JSON) and renders engines and streams as tables, and plays
+a stream in a C{<video>} element from its HLS playlist
+(C{/ace/manifest.m3u8?id=KEY}) where the browser plays HLS itself.
 
 The page is plain files shipped in the package (C{static/}), with no build
 step and nothing fetched from elsewhere, served under a Content Security
@@ -25,10 +27,14 @@ ASSETS = {
     "status.css": b"text/css; charset=utf-8",
 }
 
-#: Only this origin's scripts, styles and fetches; no frames, no forms, no
-#: other base: a key or an id in the JSON can never become code.
+#: Only this origin's scripts, styles, fetches and media (the player's HLS
+#: playlist and segments); no frames, no forms, no other base: a key or an
+#: id in the JSON can never become code.  C{media-src} says outright what
+#: C{default-src} already allows, so that the player cannot be pointed
+#: elsewhere even if the default is widened.
 CONTENT_SECURITY_POLICY = (
-    b"default-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    b"default-src 'self'; media-src 'self'; base-uri 'none'; form-action 'none'; "
+    b"frame-ancestors 'none'"
 )
 
 

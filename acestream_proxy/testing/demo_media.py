@@ -1,7 +1,11 @@
 """
 The demo's broadcast: a few seconds of a test picture with a running clock
-and a tone, MPEG-2 video and MP2 audio in MPEG-TS, made once with PyAV and
-kept in the user's cache.
+and a tone in MPEG-TS, made once with PyAV and kept in the user's cache.
+
+It comes in two codings (L{CODINGS}), each a file of its own: H.264 video
+and AAC audio (L{H264}, the default), which browsers play as well as VLC
+and mpv, and MPEG-2 video and MP2 audio (L{MPEG2}), which VLC and mpv play
+but browsers do not.
 
 The synthetic data packets (L{synthetic.DATA_PID}) are interleaved with the
 audio and video, so that the one stream is both watchable in VLC or mpv and
@@ -11,8 +15,9 @@ They take the place of the null packets the muxer pads its constant rate
 with, so that no timing in the file changes.
 
 PyAV is needed only to make the file, so it is imported only there: the
-simulated engine and the daemon never import it.  It ships libavcodec's
-MPEG-2 and MP2 encoders, so no system package is needed.
+simulated engine and the daemon never import it.  Its wheels ship libx264
+and libavcodec's AAC, MPEG-2 and MP2 encoders, so no system package is
+needed.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+
+import attrs
 
 from acestream_proxy.stream.mpegts import PACKET_SIZE
 
@@ -46,8 +53,53 @@ NULL_PID = 0x1FFF
 START_PID = 0x200
 #: Bumped whenever what L{generate} makes changes, so a cached file of an
 #: older version is not played.
-VERSION = 1
-FILE_NAME = f"demo-v{VERSION}.ts"
+VERSION = 2
+
+
+@attrs.frozen
+class Coding:
+    """
+    The encoders of one coding of the demo, with their options (PyAV's
+    C{add_stream} options: libavcodec's and the encoder's own).
+    """
+
+    #: In the cached file's name, so that each coding is cached apart.
+    name: str
+    video: str
+    audio: str
+    video_options: dict = attrs.field(factory=dict)
+
+    @property
+    def file_name(self) -> str:
+        return f"demo-{self.name}-v{VERSION}.ts"
+
+
+#: H.264 Main profile and AAC-LC: a browser's native HLS plays these.
+#: Every keyframe is an IDR picture (no scene cuts, no B-frames: x264's
+#: C{keyint} with C{min-keyint} equal to it), and x264 repeats the SPS and
+#: PPS in front of each, since the MPEG-TS muxer asks for no global
+#: header: a player that joins at any keyframe can decode from it.  The
+#: rate is constant (HRD CBR: x264 pads with filler data), as broadcasters
+#: send it: the still picture alone would take a packet now and then, and
+#: the stream be little but data packets.  It is well below L{MUX_RATE},
+#: so that the muxer always has null packets left to become data packets.
+H264 = Coding(
+    "h264",
+    "libx264",
+    "aac",
+    {
+        "preset": "veryfast",
+        "profile": "main",
+        "x264-params": f"keyint={GOP}:min-keyint={GOP}:scenecut=0:bframes=0:nal-hrd=cbr",
+        "maxrate": str(VIDEO_BITRATE),
+        "bufsize": str(VIDEO_BITRATE),
+    },
+)
+MPEG2 = Coding("mpeg2", "mpeg2video", "mp2")
+CODINGS = {coding.name: coding for coding in (H264, MPEG2)}
+DEFAULT = H264
+#: The default coding's file, in L{cache_dir}.
+FILE_NAME = DEFAULT.file_name
 
 # BT.601 limited-range colour bars (Y, Cb, Cr): white, yellow, cyan,
 # green, magenta, red, blue, black.
@@ -91,42 +143,55 @@ def cache_dir() -> Path:
     return Path(base) / "aceproxy"
 
 
-def demo_file(path: Path | None = None) -> Path:
+def demo_file(path: Path | None = None, coding: Coding = DEFAULT) -> Path:
     """
-    The demo's MPEG-TS file at C{path} (default: L{FILE_NAME} in
-    L{cache_dir}), made if missing: encoding takes a few seconds, which the
-    demo should not pay at every start.
+    The demo's MPEG-TS file at C{path} (default: C{coding}'s file name in
+    L{cache_dir}), made in C{coding} if missing: encoding takes a few
+    seconds, which the demo should not pay at every start.
     """
     if path is None:
-        path = cache_dir() / FILE_NAME
+        path = cache_dir() / coding.file_name
     if not path.exists():
-        generate(path)
+        generate(path, coding=coding)
     return path
 
 
-def generate(path: Path, seconds: int = SECONDS) -> None:
+def generate(path: Path, seconds: int = SECONDS, coding: Coding = MPEG2) -> None:
     """
     Make the demo file at C{path}: written beside it and renamed into
     place, so an interrupted run leaves no half file to be played later.
+
+    C{coding} is MPEG-2 unless named, the broadcasters' classic coding,
+    which checks of the relayed bytes decode; the demo's own file
+    (L{demo_file}) is in L{DEFAULT}.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    _encode(partial, seconds)
+    _encode(partial, seconds, coding)
     partial.write_bytes(nulls_to_data(partial.read_bytes()))
     partial.replace(path)
 
 
-def _encode(path: Path, seconds: int) -> None:
+def _encode(path: Path, seconds: int, coding: Coding) -> None:
     """Encode the picture and the tone and mux them into MPEG-TS."""
     import av  # a test/demo extra: see the module docstring
 
-    with av.open(
-        str(path),
-        "w",
-        format="mpegts",
-        options={"mpegts_start_pid": str(START_PID), "muxrate": str(MUX_RATE)},
-    ) as container:
-        video = container.add_stream("mpeg2video", rate=FPS)
+    # The first packet of each PID says it follows a discontinuity (its
+    # adaptation field's discontinuity_indicator): the file is played in a
+    # loop, and where it starts again its continuity counters and clocks
+    # jump, which a demuxer then takes for the splice it is, not for loss.
+    # The clock (PCR) starts 0.7 s ahead of the first decoding time, as
+    # ffmpeg's command line has it: with none, every frame's packets would
+    # arrive after the time it is to be decoded at, which the muxer warns
+    # makes the stream invalid.
+    options = {
+        "mpegts_start_pid": str(START_PID),
+        "muxrate": str(MUX_RATE),
+        "mpegts_flags": "+initial_discontinuity",
+        "max_delay": "700000",
+    }
+    with av.open(str(path), "w", format="mpegts", options=options) as container:
+        video = container.add_stream(coding.video, rate=FPS, options=dict(coding.video_options))
         video.width, video.height = WIDTH, HEIGHT
         video.pix_fmt = "yuv420p"
         video.bit_rate = VIDEO_BITRATE
@@ -134,7 +199,9 @@ def _encode(path: Path, seconds: int) -> None:
         # No B-frames: the stream starts with, and every GOP is, a
         # keyframe followed by frames that need only earlier ones.
         video.codec_context.max_b_frames = 0
-        audio = container.add_stream("mp2", rate=SAMPLE_RATE)
+        # PyAV converts the tone's 16-bit samples to the encoder's format
+        # and frame size (AAC takes planar floats, 1024 samples a frame).
+        audio = container.add_stream(coding.audio, rate=SAMPLE_RATE)
         audio.layout = "mono"
         audio.bit_rate = AUDIO_BITRATE
         # Declares the data PID in the PMT, so that demuxers leave it
@@ -146,6 +213,7 @@ def _encode(path: Path, seconds: int) -> None:
         data = container.add_data_stream("klv")
         data.id = synthetic.DATA_PID
         planes = _background()
+        primed = _Priming()
         tone = _tone_samples()
         samples_per_frame = SAMPLE_RATE // FPS
         for index in range(seconds * FPS):
@@ -162,10 +230,32 @@ def _encode(path: Path, seconds: int) -> None:
             sound.pts = index * samples_per_frame
             sound.planes[0].update(tone)
             for packet in audio.encode(sound):
-                container.mux(packet)
-        for stream in (video, audio):
-            for packet in stream.encode(None):
-                container.mux(packet)
+                container.mux(primed.shift(packet))
+        for packet in video.encode(None):
+            container.mux(packet)
+        for packet in audio.encode(None):
+            container.mux(primed.shift(packet))
+
+
+@attrs.define
+class _Priming:
+    """
+    AAC's encoder stamps its first packet before zero (by its priming
+    samples), and the muxer would then move every time stamp up by as
+    much and fill the time before the first picture with padding: the
+    file would no longer start with its keyframe right after the PAT and
+    PMT.  The audio is moved later instead, by that first packet's lead
+    (1024 samples, 21 ms, for AAC; nothing for MP2).
+    """
+
+    offset: int | None = None
+
+    def shift(self, packet):
+        if self.offset is None:
+            self.offset = max(0, -packet.pts)
+        packet.pts += self.offset
+        packet.dts += self.offset
+        return packet
 
 
 def _fill_plane(plane, data: bytes, width: int) -> None:
@@ -245,3 +335,43 @@ def nulls_to_data(data: bytes) -> bytes:
     if not replaced:
         raise ValueError("the muxer left no null packets to carry the data packets")
     return bytes(out)
+
+
+def main(argv: list[str]) -> Path:
+    """
+    C{python -m acestream_proxy.testing.demo_media [--coding NAME] [FILE]}:
+    make the demo's broadcast in another coding, or at another place, for
+    the demo's C{--media FILE} or the simulated engine's C{--source FILE};
+    an existing file is kept.  Prints the file's path.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m acestream_proxy.testing.demo_media",
+        description="Make the demo's MPEG-TS broadcast (once) and print its path.",
+    )
+    parser.add_argument(
+        "--coding",
+        choices=sorted(CODINGS),
+        default=DEFAULT.name,
+        help=f"h264: H.264 and AAC (browsers, VLC, mpv); mpeg2: MPEG-2 video and MP2 "
+        f"[default: {DEFAULT.name}]",
+    )
+    parser.add_argument(
+        "file",
+        nargs="?",
+        type=Path,
+        metavar="FILE",
+        help="where to make it [default: its name in $XDG_CACHE_HOME/aceproxy "
+        "or ~/.cache/aceproxy]",
+    )
+    args = parser.parse_args(argv)
+    path = demo_file(args.file, CODINGS[args.coding])
+    print(path)
+    return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
