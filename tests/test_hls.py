@@ -41,8 +41,8 @@ READER = Path(__file__).with_name("hls_reader.py")
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("media") / demo_media.FILE_NAME
-    demo_media.generate(path, seconds=SECONDS)
+    path = tmp_path_factory.mktemp("media") / demo_media.MPEG2.file_name
+    demo_media.generate(path, seconds=SECONDS, coding=demo_media.MPEG2)
     return path
 
 

@@ -358,8 +358,8 @@ def test_a_viewer_counts_as_one_player_per_address_and_user_agent():
     assert fields[PlayerField.BYTES_SENT] == 0
 
     # Served: its bytes are what the store says it was sent, from the next
-    # heartbeat round on.
-    proxy.run(3.0)
+    # heartbeat round on.  (A playlist lists three segments from 6.5 s on.)
+    proxy.run(7.0)
     playlist = fetch_playlist(proxy, request)
     assert playlist.startswith(b"#EXTM3U\n")
     segment = fetch_segment(proxy, request, 0)
@@ -465,7 +465,8 @@ def test_a_viewer_that_keeps_fetching_stays_and_one_that_stops_is_dropped():
     pid = viewer.info.id
 
     def every_two_seconds(now):
-        if now % 2 == 0:
+        # From when the playlist lists three target durations, at 6.5 s.
+        if now % 2 == 0 and now >= 8:
             fetch_playlist(proxy, request)
 
     # Two minutes of fetching: well past the ghost timeout.
@@ -667,17 +668,45 @@ def test_a_segment_out_of_the_window_is_gone_without_a_viewer():
     assert not request.transport.disconnecting
 
 
-def test_a_playlist_waits_for_the_first_segment():
+def test_a_playlist_waits_for_three_target_durations():
+    """
+    A playlist asked for as the stream starts is answered once it lists
+    three target durations (RFC 8216's least for a live playlist), not with
+    its first segment alone.
+    """
     media = Media()
     proxy, stream, viewer = started(media)
     d = Deferred.fromCoroutine(stream.hls.playlist())
-    # Frame 45, where the first segment ends, is fed at 2 s, just after the
-    # request's look at 2 s; it finds it at its next, 2.25 s.
-    proxy.run(2.0)
+    # Frame 45, where the first segment ends, is fed at 2 s: one segment of
+    # 2.25 s is listed, and the request waits on.
+    proxy.run(2.5)
     assert not d.called and len(listed(stream)) == 1
+    # Three of them are 6.75 s, at least 3 x 2 s: answered at the request's
+    # next look after the third is cut.
+    while len(listed(stream)) < 3:
+        assert not d.called
+        proxy.run(0.5)
     proxy.run(0.5)
     body = result(d).decode()
     assert "#EXT-X-MEDIA-SEQUENCE:0\n#EXTINF:2.250,\n" in body
+    assert body.count("#EXTINF:2.250,") == 3
+
+
+def test_a_playlist_answers_what_there_is_at_its_deadline():
+    """
+    A stream that went silent after one segment: at the deadline, the one
+    segment is answered rather than nothing.
+    """
+    proxy, stream, viewer = started(Media(), no_data_timeout=60, reconnect_after=60)
+    target = proxy.server.tuning.hls_target_duration
+    deadline = longest_segment(target) + 2 * target
+    d = Deferred.fromCoroutine(stream.hls.playlist())
+    proxy.run(2.5)
+    assert len(listed(stream)) == 1
+    proxy.clock.pump([0.25] * int((deadline - 2.75) / 0.25))
+    assert proxy.clock.seconds() == deadline - 0.25 and not d.called
+    proxy.clock.advance(0.25)
+    assert result(d).decode().count("#EXTINF:") == 1
 
 
 def test_a_playlist_without_segments_is_unavailable_after_its_deadline():
@@ -715,16 +744,17 @@ def test_a_stream_without_keyframes_is_cut_at_chunk_starts():
     proxy.run(5.5)
     assert not d.called and listed(stream) == []
     proxy.run(0.5)
-    assert len(listed(stream)) == 1 and not d.called  # its next look is at 6.25 s
-    proxy.run(0.5)
+    assert len(listed(stream)) == 1 and not d.called
+    # Answered once three target durations are listed: after 10 s.
+    proxy.run(4.5)
     body = result(d).decode()
-    assert body.endswith("#EXT-X-MEDIA-SEQUENCE:0\n#EXTINF:2.000,\n../hls/%s/0.ts\n" % KEY)
-    (first,) = listed(stream)
+    assert "#EXT-X-MEDIA-SEQUENCE:0\n#EXTINF:2.000,\n../hls/%s/0.ts\n" % KEY in body
+    assert body.count("#EXTINF:2.000,") == 3
+    first = listed(stream)[0]
     assert (first.start, first.end, first.duration) == ((9, 0), (13, 0), 2.0)
     assert psi_pids(first.psi) == [PAT_PID, PMT_PID]
     offsets = media.chunk_offsets
     assert segment(stream, 0) == first.psi + bytes(media.data[offsets[8] : offsets[12]])
-    proxy.run(3.5)  # to 10 s
     assert [(s.start, s.end) for s in listed(stream)] == [
         ((9, 0), (13, 0)),
         ((13, 0), (17, 0)),
@@ -811,12 +841,13 @@ def test_the_routes_serve_a_viewer_and_count_its_bytes():
         d = Deferred.fromCoroutine(handler(web, request, *args))
         return request, d
 
-    # The first playlist request starts the stream and waits for a segment.
+    # The first playlist request starts the stream and waits for three
+    # target durations of segments.
     request, d = get(ProxyWeb.manifest, args={b"id": [KEY.encode()]})
     proxy.feed()
     assert not d.called
     (viewer,) = proxy.server.streams[KEY].players.viewers.values()
-    proxy.run(2.5)
+    proxy.run(7.0)
     body = result(d)
     assert body.startswith(b"#EXTM3U\n") and f"../hls/{KEY}/0.ts".encode() in body
     assert request.answer_headers[b"Content-Type"] == b"application/vnd.apple.mpegurl"
@@ -842,3 +873,26 @@ def test_the_routes_serve_a_viewer_and_count_its_bytes():
     with pytest.raises(NotFound):
         result(get(ProxyWeb.hls_segment, OTHER, "0.ts")[1])
     assert list(proxy.server.streams) == [KEY]
+
+
+def test_a_viewer_waiting_for_its_first_playlist_is_no_ghost():
+    """
+    A new stream's first playlist waits for three target durations of
+    segments: longer, here, than the ghost timeout.  The viewer it waits
+    for is heartbeated meanwhile, and gets its playlist.
+    """
+    proxy = Proxy.start(heartbeat_interval=1, ghost_client_timeout=3, cleanup_grace=1)
+    proxy.media[KEY] = Media()
+    web = ProxyWeb(proxy.server)
+    request = RouteRequest(args={b"id": [KEY.encode()]})
+    d = Deferred.fromCoroutine(ProxyWeb.manifest(web, request))
+    proxy.feed()
+    (viewer,) = proxy.server.streams[KEY].players.viewers.values()
+    proxy.run(5.0)
+    assert not d.called and not viewer.finished and proxy.dropped("ghost") == 0
+    proxy.run(2.0)
+    assert result(d).startswith(b"#EXTM3U\n")
+    assert not viewer.finished and proxy.count() == 1
+    # Once answered, it is judged by its requests again.
+    proxy.run(5.0)
+    assert viewer.finished and proxy.dropped("ghost") == 1

@@ -62,8 +62,8 @@ FAST = dict(
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory) -> TsSource:
-    path = tmp_path_factory.mktemp("media") / demo_media.FILE_NAME
-    demo_media.generate(Path(path), seconds=MEDIA_SECONDS)
+    path = tmp_path_factory.mktemp("media") / demo_media.MPEG2.file_name
+    demo_media.generate(Path(path), seconds=MEDIA_SECONDS, coding=demo_media.MPEG2)
     return load(path)
 
 

@@ -117,19 +117,29 @@ class StreamSegments:
 
     async def playlist(self) -> bytes:
         """
-        The live playlist; while the stream has no segment yet (it just
-        started), wait for its first one.
+        The live playlist.  While it would list less than three target
+        durations (the stream just started), wait for more, as RFC 8216
+        asks of a live playlist: players start three target durations from
+        its end, and some (browsers' own HLS) fail on a shorter one rather
+        than wait.  Past the deadline, what there is is answered.
         """
         deadline = self.clock.seconds() + longest_segment(self.target) + 2 * self.target
         while True:
             listed = await self.listed()
-            if listed:
+            late = self.clock.seconds() >= deadline
+            if listed and (late or self._enough(listed)):
                 return render(self.key, listed, self.target)
-            if self.closed or self.clock.seconds() >= deadline:
+            if self.closed or late:
                 raise Unavailable(
                     f"stream {self.key} has no HLS segment yet", retry_after=RETRY_AFTER
                 )
             await deferLater(self.clock, POLL, lambda: None)
+
+    def _enough(self, listed: list[Segment]) -> bool:
+        return (
+            len(listed) == self.list_size
+            or sum(s.duration for s in listed) >= 3 * self.target - 0.001
+        )
 
     async def listed(self) -> list[Segment]:
         """

@@ -12,6 +12,7 @@ as one.
 """
 
 import hashlib
+from contextlib import contextmanager
 from typing import Callable
 
 import attrs
@@ -43,9 +44,26 @@ class HlsViewer:
     bytes_sent: int = 0
     skips: int = 0
     finished: bool = False
-    #: Never written to between requests: the heartbeat round refreshes it
-    #: only when its bytes moved.
-    paused: bool = True
+    # Its requests being answered now.
+    _asking: int = attrs.field(default=0, init=False)
+
+    @property
+    def paused(self) -> bool:
+        """
+        Not written to between its requests: the heartbeat round refreshes
+        it only when its bytes moved, or while a request of its waits (for
+        a new stream's first segments).
+        """
+        return not self._asking
+
+    @contextmanager
+    def asking(self):
+        """While a request of the viewer's is being answered."""
+        self._asking += 1
+        try:
+            yield
+        finally:
+            self._asking -= 1
 
     def sent(self, size: int) -> None:
         """It was answered C{size} bytes: proof that it still watches."""

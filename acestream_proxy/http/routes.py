@@ -115,7 +115,8 @@ class ProxyWeb:
             return b""
         self._check_new_stream(key, request)
         stream, viewer = await self.streams.watch(key, param, request)
-        body = await stream.hls.playlist()
+        with viewer.asking():
+            body = await stream.hls.playlist()
         self.streams.metrics.hls_requests.labels(kind=HLS_PLAYLIST).inc()
         return self._hls_answer(request, viewer, body, b"application/vnd.apple.mpegurl")
 

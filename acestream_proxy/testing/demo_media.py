@@ -156,14 +156,11 @@ def demo_file(path: Path | None = None, coding: Coding = DEFAULT) -> Path:
     return path
 
 
-def generate(path: Path, seconds: int = SECONDS, coding: Coding = MPEG2) -> None:
+def generate(path: Path, seconds: int = SECONDS, coding: Coding = DEFAULT) -> None:
     """
-    Make the demo file at C{path}: written beside it and renamed into
-    place, so an interrupted run leaves no half file to be played later.
-
-    C{coding} is MPEG-2 unless named, the broadcasters' classic coding,
-    which checks of the relayed bytes decode; the demo's own file
-    (L{demo_file}) is in L{DEFAULT}.
+    Make the demo file at C{path}, in C{coding}: written beside it and
+    renamed into place, so an interrupted run leaves no half file to be
+    played later.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
