@@ -1,10 +1,12 @@
 """
 Fixtures shared by the socket-level tests: a simulated engine, a factory
-of proxies and real Redis servers, each stopped after its test.
+of proxies and real Redis servers, each stopped after its test; and what
+libav says while a test decodes.
 """
 
 import shutil
 
+import av.logging
 import pytest
 import pytest_twisted
 
@@ -13,6 +15,24 @@ from .support import start_engine, start_proxy
 
 # 8 Mbit/s in 50 ms batches: about 50 KB per batch.
 BITRATE = 8_000_000
+
+
+@pytest.fixture
+def decoder_log():
+    """
+    Every message libav logs at warning level or worse while decoding: a
+    decoder reports damage it concealed here, without raising.
+    """
+    previous = av.logging.get_level()
+    skip_repeated = av.logging.get_skip_repeated()
+    av.logging.set_level(av.logging.WARNING)
+    # Each message as it comes, not a repeat held back to be summed with
+    # the next message, which could fall in another test's capture.
+    av.logging.set_skip_repeated(False)
+    with av.logging.Capture() as logs:
+        yield logs
+    av.logging.set_level(previous)
+    av.logging.set_skip_repeated(skip_repeated)
 
 
 @pytest.fixture

@@ -52,24 +52,6 @@ def media(tmp_path_factory, coding) -> Path:
     return path
 
 
-@pytest.fixture
-def decoder_log():
-    """
-    Every message libav logs at warning level or worse while decoding: a
-    decoder reports damage it concealed here, without raising.
-    """
-    previous = av.logging.get_level()
-    skip_repeated = av.logging.get_skip_repeated()
-    av.logging.set_level(av.logging.WARNING)
-    # Each message as it comes, not a repeat held back to be summed with
-    # the next message, which could fall in another test's capture.
-    av.logging.set_skip_repeated(False)
-    with av.logging.Capture() as logs:
-        yield logs
-    av.logging.set_level(previous)
-    av.logging.set_skip_repeated(skip_repeated)
-
-
 def errors(logs) -> list:
     """
     The captured messages but the demuxer's note that the data stream has

@@ -30,7 +30,7 @@ from acestream_proxy.engine.registry import Engine, EngineRegistry
 from acestream_proxy.errors import EngineError
 
 from .redis_server import RedisServer
-from .support import HASHES, Player, start_engine, start_proxy
+from .support import HASHES, Player, start_engine
 from .test_end_to_end import (  # noqa: F401 (spawn is a fixture)
     PROXY_LISTENING,
     SIM_LISTENING,

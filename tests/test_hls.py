@@ -30,7 +30,7 @@ from acestream_proxy.testing.engine import content_tag
 from acestream_proxy.testing.source import load
 
 from .support import HASHES, Player, start_engine
-from .test_demo_media import decoder_log, errors  # noqa: F401 (decoder_log: fixture)
+from .test_demo_media import errors
 
 KEY = HASHES[0]
 SECONDS = 4
@@ -133,7 +133,7 @@ async def test_an_hls_client_plays_beside_a_ts_player_on_one_session(
 async def test_every_segment_starts_on_a_keyframe_with_psi_in_front(
     demo_engine,
     proxy_factory,
-    decoder_log,  # noqa: F811
+    decoder_log,
 ) -> None:
     proxy = await proxy_factory([demo_engine.config("engine-a")], hls_target_duration=1)
     url = manifest_url(proxy, param="infohash")

@@ -29,7 +29,6 @@ from .test_hls_workers import (  # noqa: F401 (fixtures)
     FAST,
     Playlist,
     check_segment,
-    decoder_log,
     media,
     media_engine,
     playlist,

@@ -33,7 +33,7 @@ from acestream_proxy.testing import demo_media
 from acestream_proxy.testing.source import TsSource, load
 
 from .support import HASHES, eventually, start_engine, start_proxy
-from .test_demo_media import decode, decoder_log, errors  # noqa: F401 (decoder_log: fixture)
+from .test_demo_media import decode, errors
 
 KEY = HASHES[0]
 
