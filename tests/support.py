@@ -7,6 +7,7 @@ import weakref
 from typing import Callable
 
 import attrs
+import pytest_twisted
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
@@ -118,6 +119,29 @@ def start_proxy(
         tuning=Tuning(**tuning),
     )
     return (yield serve(config))
+
+
+def workers_of(running_engine, redis_url: str, defaults: dict):
+    """
+    The body of a fixture of in-process workers on one Redis and one
+    engine: yields C{start(**tuning)}, which starts one (with C{defaults}
+    under C{tuning}); each is stopped at teardown unless the test stopped
+    it already.
+    """
+    started = []
+
+    async def start(**tuning):
+        proxy = await start_proxy(
+            [running_engine.config("engine-a")], redis=redis_url, **{**defaults, **tuning}
+        )
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        if proxy.service.running:
+            pytest_twisted.blockon(proxy.service.stopService())
+        pytest_twisted.blockon(proxy.port.stopListening())
 
 
 @inlineCallbacks

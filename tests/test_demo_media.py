@@ -218,9 +218,12 @@ def test_the_loop_is_a_clean_splice(media, decoder_log) -> None:
     assert all(" out of order" in message for message in noted), noted
 
 
-def test_made_once_and_cached(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert demo_media.cache_dir() == tmp_path / "xdg" / "aceproxy"
+@pytest.fixture
+def fake_generate(monkeypatch) -> list:
+    """
+    Stand in for the encoder: each file it is asked for is written as two
+    bytes, and listed here with its coding.
+    """
     made = []
 
     def generate(path: Path, coding: demo_media.Coding) -> None:
@@ -229,6 +232,13 @@ def test_made_once_and_cached(tmp_path, monkeypatch) -> None:
         path.write_bytes(b"ts")
 
     monkeypatch.setattr(demo_media, "generate", generate)
+    return made
+
+
+def test_made_once_and_cached(tmp_path, monkeypatch, fake_generate) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert demo_media.cache_dir() == tmp_path / "xdg" / "aceproxy"
+    made = fake_generate
     path = demo_media.demo_file()
     assert path == tmp_path / "xdg" / "aceproxy" / demo_media.FILE_NAME
     assert demo_media.demo_file() == path
@@ -304,21 +314,14 @@ async def test_players_through_the_proxy_decode_and_verify(
         await running.stop()
 
 
-def test_made_from_the_command_line(tmp_path, monkeypatch, capsys) -> None:
+def test_made_from_the_command_line(tmp_path, monkeypatch, capsys, fake_generate) -> None:
     """
     C{python -m acestream_proxy.testing.demo_media} makes the coding asked
     for (for C{--media} or C{--source}), where asked, and prints where;
     its default is the demo's own file.
     """
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    made = []
-
-    def generate(path: Path, coding: demo_media.Coding) -> None:
-        made.append((path, coding))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"ts")
-
-    monkeypatch.setattr(demo_media, "generate", generate)
+    made = fake_generate
     wanted = tmp_path / "mpeg2.ts"
     assert demo_media.main(["--coding", "mpeg2", str(wanted)]) == wanted
     assert demo_media.main([str(wanted)]) == wanted  # kept, whatever its coding

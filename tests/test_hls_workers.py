@@ -32,7 +32,7 @@ from acestream_proxy.stream.stream import Role
 from acestream_proxy.testing import demo_media
 from acestream_proxy.testing.source import TsSource, load
 
-from .support import HASHES, eventually, start_engine, start_proxy
+from .support import HASHES, eventually, start_engine, workers_of
 from .test_demo_media import decode, errors
 
 KEY = HASHES[0]
@@ -81,22 +81,7 @@ def workers(media_engine, redis_server):
     In-process workers on one Redis and the media engine; each is stopped
     at teardown unless the test stopped it already.
     """
-    started = []
-
-    async def start(**tuning):
-        proxy = await start_proxy(
-            [media_engine.config("engine-a")],
-            redis=redis_server.url,
-            **{**FAST, **tuning},
-        )
-        started.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in started:
-        if proxy.service.running:
-            pytest_twisted.blockon(proxy.service.stopService())
-        pytest_twisted.blockon(proxy.port.stopListening())
+    yield from workers_of(media_engine, redis_server.url, FAST)
 
 
 # --- the playlist, as a player reads it -------------------------------------------

@@ -36,7 +36,7 @@ from .support import (
     check_whole_packets,
     eventually,
     start_engine,
-    start_proxy,
+    workers_of,
 )
 from .test_end_to_end import (  # noqa: F401 (spawn: fixture)
     PROXY_LISTENING,
@@ -67,20 +67,7 @@ def workers(engine, redis_server):
     Start in-process workers on one Redis and one engine; each is stopped
     at teardown unless the test stopped it already.
     """
-    started = []
-
-    async def start(**tuning):
-        proxy = await start_proxy(
-            [engine.config("engine-a")], redis=redis_server.url, **{**FAST, **tuning}
-        )
-        started.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in started:
-        if proxy.service.running:
-            pytest_twisted.blockon(proxy.service.stopService())
-        pytest_twisted.blockon(proxy.port.stopListening())
+    yield from workers_of(engine, redis_server.url, FAST)
 
 
 def check(player: Player, allowed_jumps: int = 0):
