@@ -414,7 +414,7 @@ class TestSectionReader:
         assert read_all(reader, packetize(0x1000, [too_long], cc=6)) == []
 
     def test_crc_check_matches_the_reference(self) -> None:
-        """The zlib-based check agrees with the table-driven MPEG-2 CRC."""
+        """A section ending with its MPEG-2 CRC passes; one flipped bit fails it."""
         for size in range(1, 300, 7):
             body = bytes((n * 37 + size) & 0xFF for n in range(size))
             good = body + struct.pack(">I", mpeg2_crc32(body))

@@ -18,11 +18,9 @@ second, whose tables it puts together across packets (L{SectionReader}).
 
 from __future__ import annotations
 
-import zlib
-
 import attrs
 
-from acestream_proxy.stream.mpegts import PACKET_SIZE, PAT_PID
+from acestream_proxy.stream.mpegts import PACKET_SIZE, PAT_PID, crc_valid
 
 #: PMT stream_type values of the video codecs whose keyframes we recognise.
 MPEG1_VIDEO = 0x01
@@ -62,19 +60,6 @@ MAX_PSI_SECTION = 1024
 #: The shortest: the 8 header bytes and the CRC.
 _MIN_PSI_SECTION = 12
 _STUFFING = 0xFF
-
-#: Each byte with its bits in reverse order.  zlib's CRC-32 has the same
-#: polynomial as MPEG-2's but shifts bits the other way; fed bit-reversed
-#: bytes, it checks an MPEG-2 CRC in C rather than in a Python loop.
-_REVERSED_BITS = bytes(int(f"{byte:08b}"[::-1], 2) for byte in range(256))
-#: What zlib's CRC-32 of a bit-reversed section with a correct MPEG-2 CRC
-#: at its end comes to: an MPEG-2 CRC over such a section is 0.
-_CRC_OK = 0xFFFFFFFF
-
-
-def crc_valid(section: bytes) -> bool:
-    """Whether C{section} ends with its correct MPEG-2 CRC-32."""
-    return zlib.crc32(section.translate(_REVERSED_BITS)) == _CRC_OK
 
 
 @attrs.define
@@ -160,10 +145,7 @@ class SectionReader:
             if len(data) < 3:
                 return end
             length = 3 + (((data[1] & 0x0F) << 8) | data[2])
-            if (
-                data[0] != self.table_id
-                or not _MIN_PSI_SECTION <= length <= MAX_PSI_SECTION
-            ):
+            if data[0] != self.table_id or not _MIN_PSI_SECTION <= length <= MAX_PSI_SECTION:
                 # Another table's section, or junk: passed over.
                 self._drop()
                 return position + length - 3
@@ -454,8 +436,10 @@ class KeyframeScanner:
         payload = pes[9 + pes[8] :]
         if self.stream_type == H264_VIDEO:
             return _starts_access(
-                _nal_types(payload, False), range(_H264_IDR, _H264_IDR + 1),
-                _H264_SPS, range(_H264_NON_IDR_SLICE, _H264_NON_IDR_SLICE + 1),
+                _nal_types(payload, False),
+                range(_H264_IDR, _H264_IDR + 1),
+                _H264_SPS,
+                range(_H264_NON_IDR_SLICE, _H264_NON_IDR_SLICE + 1),
             )
         if self.stream_type == HEVC_VIDEO:
             return _starts_access(
