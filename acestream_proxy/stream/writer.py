@@ -58,7 +58,6 @@ class StoreWriter:
     chunk_delay: float = 0.1
     producer: object = None
     stopped: bool = False
-    #: The engine session the data comes from, counted from 1.
     session: int = 0
     _held: list = attrs.field(factory=list, init=False)
     _held_bytes: int = attrs.field(default=0, init=False)
@@ -67,7 +66,7 @@ class StoreWriter:
     _seal_call: object = attrs.field(default=None, init=False)
     # Sealed chunks waiting for the store, each as the arguments of its
     # Chunk after the index: framed, start, added_at, random_access, psi,
-    # video.
+    # video, session.
     _pending: deque = attrs.field(factory=deque, init=False)
     _appending: bool = attrs.field(default=False, init=False)
 
