@@ -15,7 +15,6 @@ from typing import Callable
 
 import attrs
 from twisted.internet.task import deferLater
-from twisted.logger import Logger
 
 from ..background import Tasks
 from ..errors import NotFound, Unavailable
@@ -39,8 +38,6 @@ class StreamSegments:
     @ivar watched: whether the stream has HLS viewers in this worker.
     @ivar cutter: the owner's cutter, or L{None} in a follower.
     """
-
-    log = Logger()
 
     key: str
     store: Store
@@ -183,12 +180,12 @@ class StreamSegments:
     def _available(self, segment: Segment) -> bool:
         """
         Whether C{segment}'s bytes can still be had: kept here, in this
-        worker's window, or in a store whose ring buffer outlasts it.
+        worker's window, or in a shared store, whose ring buffer outlasts it.
         """
         return (
             segment.sequence in self._built
             or self.fanout.window.get(segment.start[0]) is not None
-            or self.store.kind != "memory"
+            or self.store.shared
         )
 
     def _from_window(self, segment: Segment) -> bytes | None:

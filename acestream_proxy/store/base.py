@@ -36,6 +36,10 @@ class Store(Protocol):
     worker_id: str
     #: C{"memory"} or C{"redis"}, for health reports.
     kind: str
+    #: Whether other workers share it: then a stream's players may be on
+    #: any of them, and its ring buffer, bounded by C{buffer_chunks} and
+    #: C{chunk_ttl} alone, keeps more than a worker's window.
+    shared: bool
 
     def put_stream(self, key: str, fields: Fields) -> Deferred[None]:
         """

@@ -142,6 +142,7 @@ class MemoryStore:
     """
 
     kind = "memory"
+    shared = False
     available = True
 
     clock: IReactorTime

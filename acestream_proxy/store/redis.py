@@ -59,6 +59,7 @@ class RedisStore(LeaseCommands, PlayerCommands, EndedStreams, Service):
     """
 
     kind = "redis"
+    shared = True
     log = Logger()
 
     url: str = attrs.field(repr=False)
