@@ -101,7 +101,8 @@ class StreamRegistry(MultiService):
         """
         asked_at = self.clock.seconds()
         stream = await self._joinable(key, param)
-        producer = stream.add_player(self._player_info(uuid.uuid4().hex, key, request), request)
+        info = self._player_info(uuid.uuid4().hex, key, *self._client(request))
+        producer = stream.add_player(info, request)
         self._time_join(producer, stream, asked_at)
         return producer.done
 
@@ -127,7 +128,7 @@ class StreamRegistry(MultiService):
         stream = await self._joinable(key, param)
         viewer = stream.players.viewers.get(player_id)
         if viewer is None:
-            viewer = stream.add_viewer(self._player_info(player_id, key, request))
+            viewer = stream.add_viewer(self._player_info(player_id, key, address, user_agent))
         return stream, viewer
 
     async def _joinable(self, key: str, param: str) -> Stream:
@@ -173,8 +174,7 @@ class StreamRegistry(MultiService):
             (request.getHeader(b"user-agent") or b"").decode("latin-1")[:256],
         )
 
-    def _player_info(self, player_id: str, key: str, request) -> PlayerInfo:
-        address, user_agent = self._client(request)
+    def _player_info(self, player_id: str, key: str, address: str, user_agent: str) -> PlayerInfo:
         return PlayerInfo(
             id=player_id,
             key=key,
@@ -414,9 +414,7 @@ class StreamRegistry(MultiService):
             # comes within a segment, to a worker that takes the stream
             # over and numbers its segments on; ended, the stream would
             # start again on a new engine session, numbered from 0.
-            handover = handover or (
-                self.store.kind != "memory" and bool(stream.players.viewers)
-            )
+            handover = handover or (self.store.shared and bool(stream.players.viewers))
         await stream.stop("shutting down", handover=handover)
 
     def _close(self, transports: list) -> Deferred:
