@@ -286,6 +286,17 @@ def test_haproxy_balances_the_compose_workers():
     assert ["no", "option", "http-buffer-request"] in defaults
 
 
+def passing_output(command: list, timeout: float = 30, **options) -> str:
+    """
+    What C{command} (a checker: haproxy -c, nginx -t, systemd-analyze)
+    printed, on both streams, once it exited with success.
+    """
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, **options)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    return output
+
+
 def test_haproxy_accepts_the_configuration():
     """
     haproxy -c: valid, and its only warnings are the compose workers'
@@ -295,14 +306,7 @@ def test_haproxy_accepts_the_configuration():
     haproxy = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
     if haproxy is None:
         pytest.skip("haproxy is not installed (make test installs it where apt-get can)")
-    result = subprocess.run(
-        [haproxy, "-c", "-f", str(CONTRIB / "haproxy.cfg")],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
+    output = passing_output([haproxy, "-c", "-f", str(CONTRIB / "haproxy.cfg")])
     assert "Configuration file is valid" in output
     for line in output.splitlines():
         assert "[ALERT]" not in line, output
@@ -363,14 +367,9 @@ def test_nginx_accepts_the_configuration(tmp_path):
         + f"    include {CONTRIB / 'nginx.conf'};\n"
         "}\n"
     )
-    result = subprocess.run(
-        [nginx, "-t", "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c", str(main)],
-        capture_output=True,
-        text=True,
-        timeout=30,
+    output = passing_output(
+        [nginx, "-t", "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c", str(main)]
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
     assert "test is successful" in output
     assert "[warn]" not in output, output
 
@@ -405,15 +404,7 @@ def test_systemd_units_verify(tmp_path):
             assert count == 1, name
         (tmp_path / name).write_text(text)
     for name in ("aceproxy.socket", "aceproxy.service", "aceproxy@1.service", "aceproxy@2.service"):
-        result = subprocess.run(
-            [analyze, "verify", str(tmp_path / name)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=tmp_path,
-        )
-        output = result.stdout + result.stderr
-        assert result.returncode == 0, output
+        output = passing_output([analyze, "verify", str(tmp_path / name)], 60, cwd=tmp_path)
         # Unknown keys and unparsable values are only warnings.
         complaints = [line for line in output.splitlines() if "aceproxy" in line]
         assert not complaints, output
